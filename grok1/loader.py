@@ -1,0 +1,92 @@
+"""`grok1.load`: find the model at a path, read its weights, return a ready `Grok1` module."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from .config import GROK1, Grok1Config
+from .errors import CheckpointError, Grok1Error
+from .formats import xai
+from .model import Grok1
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16  # the official default activation dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise Grok1Error(f"activation dtype {dtype} is not supported; use float32 or bfloat16")
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise Grok1Error(f"unknown dtype {dtype!r}; use float32 or bfloat16") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise Grok1Error(f"unknown device {device!r} ({exc})") from None
+
+
+def read_config(path: str | os.PathLike[str]) -> Grok1Config:
+    """A model directory's config.json, or the released Grok-1 when there is none."""
+    config_file = os.path.join(os.fspath(path), "config.json")
+    if os.path.exists(config_file):
+        return Grok1Config.from_file(config_file)
+    return GROK1
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Grok1:
+    """Loads a model directory in the release layout (`ckpt-0/`, optional `config.json`).
+
+    Returns a `Grok1` module in eval mode whose call on int64 ids [B, T] gives float32 logits
+    [B, T, vocab]. `dtype` is the activation dtype (bfloat16 by default, as the official code;
+    float32 reproduces the official float32 path). Int8 weights stay int8 and are dequantised
+    inside each matmul.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise Grok1Error(f"{path}: no such model directory")
+    if not os.path.isdir(path):
+        raise Grok1Error(f"{path}: not a model directory")
+    act = resolve_dtype(dtype)
+    target = resolve_device(device)
+    config = read_config(path)
+    if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
+        raise CheckpointError(f"{path}: no {xai.CHECKPOINT_SUBDIR}/ directory; not a model in the release layout")
+    started = time.perf_counter()
+    model = Grok1(config, activation_dtype=act)
+    total = len(xai.release_order(config))
+    bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
+    for item in xai.iter_release(path, config):
+        value = item.value
+        if item.spec.path.endswith("in_out_embed/embeddings") and act == torch.bfloat16:
+            # The official code casts the table to the activation dtype before each use; doing it once
+            # here is exact and halves its memory.
+            value = value.to(torch.bfloat16)
+        model.set_weight(item.spec.path, value.to(target) if target.type != "cpu" else value)
+        bar.update(1)
+    bar.close()
+    model.eval()
+    model.load_seconds = time.perf_counter() - started
+    return model

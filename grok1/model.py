@@ -1,0 +1,406 @@
+"""Grok-1, the math of xai-org/grok-1's `model.py`, in plain PyTorch.
+
+Section numbers (§) refer to `shared/docs/grok1-architecture.md`. `act` is the activation dtype
+(bfloat16 by default, float32 for checking against the official float32 path). The casts written
+here are the official code's: they are what makes the float32 path reproduce the official logits
+(weights are bf16(q*s), the MoE output and its post-norm are always bf16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Grok1Config
+from .quant import Int8Weight
+
+MASKED_LOGIT = -1e30  # the official fill value: a fully masked row softmaxes to uniform weights, not NaN
+# Attention is evaluated in query chunks so that the [heads, queries, keys] score tensor stays below this.
+ATTENTION_SCORE_BUDGET_BYTES = 256 * 1024 * 1024
+
+ROW_PARALLEL = ("multi_head_attention/linear", "moe/linear_1")
+
+
+def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A Python float the way JAX's weak typing applies it: rounded to the array's dtype first."""
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of the official tree: its path (without `params/`) and logical shape."""
+
+    path: str
+    shape: tuple[int, ...]
+    quantised: bool
+
+    @property
+    def row_parallel(self) -> bool:
+        return any(self.path.endswith(p + "/w") for p in ROW_PARALLEL)
+
+
+def parameter_specs(config: Grok1Config) -> dict[str, ParamSpec]:
+    """Every parameter of the model by official path, in numeric layer order."""
+    d, e, f = config.emb_size, config.num_experts, config.ffn_size
+    specs = [
+        ParamSpec("language_model/in_out_embed/embeddings", (config.vocab_size, d), False),
+        ParamSpec("language_model/rms_norm/scale", (d,), False),
+    ]
+    for i in range(config.num_layers):
+        prefix = f"transformer/decoder_layer_{i}/"
+        specs += [
+            ParamSpec(prefix + "moe/linear/w", (e, d, f), True),
+            ParamSpec(prefix + "moe/linear_1/w", (e, f, d), True),
+            ParamSpec(prefix + "moe/linear_v/w", (e, d, f), True),
+            ParamSpec(prefix + "multi_head_attention/key/w", (d, config.kv_proj_size), True),
+            ParamSpec(prefix + "multi_head_attention/linear/w", (config.q_proj_size, d), True),
+            ParamSpec(prefix + "multi_head_attention/query/w", (d, config.q_proj_size), True),
+            ParamSpec(prefix + "multi_head_attention/value/w", (d, config.kv_proj_size), True),
+            ParamSpec(prefix + "rms_norm/scale", (d,), False),
+            ParamSpec(prefix + "rms_norm_1/scale", (d,), False),
+            ParamSpec(prefix + "rms_norm_2/scale", (d,), False),
+            ParamSpec(prefix + "rms_norm_3/scale", (d,), False),
+            ParamSpec(prefix + "router/w", (d, e), False),
+        ]
+    return {s.path: s for s in specs}
+
+
+# ---- building blocks ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """§4: computed in float32, returned in the *input's* dtype; the scale is a plain multiplier."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        mean_squared = x32.square().mean(dim=-1, keepdim=True)
+        normed = x32 * torch.rsqrt(mean_squared + self.eps)
+        return (self.scale.float() * normed).to(x.dtype)
+
+
+def project(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """`x @ W` with the bf16-dequantised weight cast to the activation dtype (official `Linear`)."""
+    return x @ w.dequantize().to(x.dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: int) -> torch.Tensor:
+    """§5.2 RoPE, half-split (rotate_half), over the whole head dim, in float32; x is [B, T, H, dk]."""
+    dk = x.shape[-1]
+    exponents = torch.arange(0, dk, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / (base ** (exponents / dk))
+    phase = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, dk/2]
+    theta = torch.cat([phase, phase], dim=-1)[:, :, None, :]
+    x32 = x.float()
+    rotated_half = torch.cat([-x32[..., dk // 2 :], x32[..., : dk // 2]], dim=-1)
+    return (x32 * torch.cos(theta) + rotated_half * torch.sin(theta)).to(x.dtype)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, config: Grok1Config
+) -> torch.Tensor:
+    """§5.3-5.6. q [B, Tq, Hq, dk]; k, v [B, Hkv, S, dk]; mask [B, Tq, S] (True = visible).
+
+    The soft-cap between the scores and the softmax rules out fused attention kernels, so the score
+    tensor is built explicitly, one chunk of queries at a time, to bound its size for long prompts.
+    """
+    b, tq, hq, dk = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    act = q.dtype
+    # Query head h uses kv head h // g (contiguous groups), so heads split as [Hkv, G].
+    q = q.view(b, tq, hkv, g, dk).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, dk]
+    k_t = k.transpose(-1, -2)
+    out = torch.empty(b, hkv, g, tq, dk, dtype=act, device=q.device)
+    chunk = max(1, ATTENTION_SCORE_BUDGET_BYTES // max(1, b * hq * s * 4))
+    multiplier, cap = config.attn_output_multiplier, config.attn_logit_softcap
+    for start in range(0, tq, chunk):
+        stop = min(tq, start + chunk)
+        n = stop - start
+        q_chunk = q[:, :, :, start:stop].reshape(b, hkv, g * n, dk)
+        scores = (q_chunk @ k_t).float().view(b, hkv, g, n, s)  # rounded to act first, as the official einsum
+        scores = scores * multiplier
+        scores = cap * torch.tanh(scores / cap)
+        visible = mask[:, None, None, start:stop, :]
+        scores = scores.masked_fill(~visible, MASKED_LOGIT)
+        probs = torch.softmax(scores, dim=-1).to(act)
+        out[:, :, :, start:stop] = (probs.view(b, hkv, g * n, s) @ v).view(b, hkv, g, n, dk)
+    return out.permute(0, 3, 1, 2, 4).reshape(b, tq, hq * dk)
+
+
+class Attention(nn.Module):
+    """§5: GQA with RoPE, logit multiplier, 30*tanh soft-cap; no biases."""
+
+    def __init__(self, config: Grok1Config) -> None:
+        super().__init__()
+        self.config = config
+        self.query: Int8Weight | None = None
+        self.key: Int8Weight | None = None
+        self.value: Int8Weight | None = None
+        self.linear: Int8Weight | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        b, t, _ = x.shape
+        q = project(x, self.query).view(b, t, cfg.num_q_heads, cfg.key_size)
+        k = project(x, self.key).view(b, t, cfg.num_kv_heads, cfg.key_size)
+        v = project(x, self.value).view(b, t, cfg.num_kv_heads, cfg.value_size)
+        q = rotary(q, positions, cfg.rope_base)
+        k = rotary(k, positions, cfg.rope_base)
+        if kv_cache is None:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            cache_k, cache_v = kv_cache  # [B, Hkv, S_max, dk], keys stored after RoPE
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, t)
+            cache_k[rows, :, positions] = k.to(cache_k.dtype)
+            cache_v[rows, :, positions] = v.to(cache_v.dtype)
+            span = mask.shape[-1]
+            keys, values = cache_k[:, :, :span], cache_v[:, :, :span]
+        attended = attend(q, keys.to(x.dtype), values.to(x.dtype), mask, cfg)
+        return project(attended, self.linear)
+
+
+def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
+    """jax.nn.gelu's default (approximate=True)."""
+    return F.gelu(u, approximate="tanh")
+
+
+class MoE(nn.Module):
+    """§6: fp32 router softmax, top-k on the probabilities, un-renormalised gates, GeGLU experts.
+
+    Only the experts some token selected are evaluated, each on just the tokens routed to it.
+    """
+
+    def __init__(self, config: Grok1Config) -> None:
+        super().__init__()
+        self.config = config
+        self.router: torch.Tensor | None = None  # [D, E] float32
+        self.linear: Int8Weight | None = None  # [E, D, F] gate projection (through GELU)
+        self.linear_v: Int8Weight | None = None  # [E, D, F] up projection
+        self.linear_1: Int8Weight | None = None  # [E, F, D] down projection
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates (raw softmax probabilities) and expert indices [N, k], descending, ties to the lower index."""
+        router_logits = x.float() @ self.router.float()
+        router_probs = torch.softmax(router_logits, dim=-1)
+        probs, experts = torch.sort(router_probs, dim=-1, descending=True, stable=True)
+        k = self.config.num_selected_experts
+        return probs[:, :k], experts[:, :k]
+
+    def expert_ffn(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """§6.2/6.4: up/gate projections in act, the rest in float32; returns float32."""
+        act = x.dtype
+        gate_proj = (x @ self.linear.dequantize(expert).to(act)).float()
+        up_proj = (x @ self.linear_v.dequantize(expert).to(act)).float()
+        hidden = up_proj * gelu_tanh(gate_proj)
+        return hidden @ self.linear_1.dequantize(expert).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        gates, experts = self.route(tokens)
+        expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
+        for expert in torch.unique(experts).tolist():
+            rows, slots = (experts == expert).nonzero(as_tuple=True)
+            expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert)
+        # §6.3: gates rounded to bf16, f32 sum over the selected experts, output always bf16.
+        combined = (gates.to(torch.bfloat16).float()[..., None] * expert_out).sum(dim=1)
+        return combined.to(torch.bfloat16).view(b, t, d)
+
+
+class DecoderLayer(nn.Module):
+    """§3.4: sandwich norms around attention and the MoE."""
+
+    def __init__(self, config: Grok1Config) -> None:
+        super().__init__()
+        self.rms_norm = RMSNorm(config.rms_norm_eps)
+        self.rms_norm_1 = RMSNorm(config.rms_norm_eps)
+        self.rms_norm_2 = RMSNorm(config.rms_norm_eps)
+        self.rms_norm_3 = RMSNorm(config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.moe = MoE(config)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        h = h + self.rms_norm_1(self.attn(self.rms_norm(h), positions, mask, kv_cache))
+        # The MoE output is bf16, so its post-norm is bf16 too; in f32 mode the add promotes to f32.
+        h = h + self.rms_norm_3(self.moe(self.rms_norm_2(h)))
+        return h
+
+
+class KVCache:
+    """A static cache: per layer K (after RoPE) and V as [B, Hkv, max_len, dk], plus which slots hold
+    real (non-pad) tokens. Each row has its own positions, so rows of different lengths share a batch."""
+
+    def __init__(
+        self,
+        config: Grok1Config,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch_size, config.num_kv_heads, max_len, config.key_size)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    def reset_rows(self, rows: list[int]) -> None:
+        self.key_valid[rows] = False
+
+
+class Grok1(nn.Module):
+    """The language model: embedding, decoder layers, final norm, tied output projection."""
+
+    def __init__(self, config: Grok1Config, activation_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.config = config
+        self.activation_dtype = activation_dtype
+        self.embeddings: torch.Tensor | None = None  # [V, D], also the output projection
+        self.rms_norm = RMSNorm(config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+
+    # ---- weights -------------------------------------------------------------------------------
+    def _slot(self, path: str) -> tuple[nn.Module, str]:
+        if path == "language_model/in_out_embed/embeddings":
+            return self, "embeddings"
+        if path == "language_model/rms_norm/scale":
+            return self.rms_norm, "scale"
+        prefix, _, rest = path.partition("/decoder_layer_")
+        index, _, name = rest.partition("/")
+        if prefix != "transformer" or not index.isdigit() or int(index) >= len(self.layers):
+            raise KeyError(path)
+        layer = self.layers[int(index)]
+        table = {
+            "rms_norm/scale": (layer.rms_norm, "scale"),
+            "rms_norm_1/scale": (layer.rms_norm_1, "scale"),
+            "rms_norm_2/scale": (layer.rms_norm_2, "scale"),
+            "rms_norm_3/scale": (layer.rms_norm_3, "scale"),
+            "router/w": (layer.moe, "router"),
+            "moe/linear/w": (layer.moe, "linear"),
+            "moe/linear_v/w": (layer.moe, "linear_v"),
+            "moe/linear_1/w": (layer.moe, "linear_1"),
+            "multi_head_attention/query/w": (layer.attn, "query"),
+            "multi_head_attention/key/w": (layer.attn, "key"),
+            "multi_head_attention/value/w": (layer.attn, "value"),
+            "multi_head_attention/linear/w": (layer.attn, "linear"),
+        }
+        if name not in table:
+            raise KeyError(path)
+        return table[name]
+
+    def set_weight(self, path: str, value: torch.Tensor | Int8Weight) -> None:
+        """Place one official parameter (path without `params/`)."""
+        module, attr = self._slot(path)
+        if isinstance(value, nn.Module):
+            setattr(module, attr, value)
+        else:
+            if attr in module._buffers:
+                module._buffers[attr] = value
+            else:
+                if hasattr(module, attr):
+                    delattr(module, attr)
+                module.register_buffer(attr, value)
+
+    def missing_weights(self) -> list[str]:
+        missing = []
+        for path in parameter_specs(self.config):
+            module, attr = self._slot(path)
+            if getattr(module, attr, None) is None:
+                missing.append(path)
+        return missing
+
+    def named_official_weights(self) -> Iterator[tuple[str, torch.Tensor | Int8Weight]]:
+        for path in parameter_specs(self.config):
+            module, attr = self._slot(path)
+            yield path, getattr(module, attr)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits [B, T, V] for token ids [B, T] (pad id 0 is masked as a key).
+
+        With a `cache`, row b's tokens sit at positions start_pos[b] + 0..T-1: their keys and values
+        are written there and they attend to every earlier valid slot of that row.
+        With `logits_index` [B], only position logits_index[b] of each row is projected: [B, 1, V].
+        """
+        cfg, act = self.config, self.activation_dtype
+        b, t = tokens.shape
+        device = self.embeddings.device
+        tokens = tokens.to(device)
+        is_token = tokens > cfg.pad_token  # §3.1: only keys are masked by padding
+        steps = torch.arange(t, device=device)
+        if cache is None:
+            positions = steps.expand(b, t)
+            causal = steps[None, :, None] >= steps[None, None, :]
+            mask = is_token[:, None, :] & causal
+        else:
+            if start_pos is None:
+                raise ValueError("a KV cache needs start_pos")
+            positions = start_pos.to(device)[:, None] + steps
+            span = int(positions.max()) + 1
+            if span > cache.max_len:
+                raise ValueError(f"position {span - 1} is beyond the KV cache length {cache.max_len}")
+            rows = torch.arange(b, device=device)[:, None].expand(b, t)
+            cache.key_valid[rows, positions] = is_token
+            slots = torch.arange(span, device=device)
+            mask = cache.key_valid[:, None, :span] & (slots[None, None, :] <= positions[:, :, None])
+
+        h = self.embeddings[tokens].to(act) * scalar(cfg.embedding_multiplier_scale, act, device)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, positions, mask, kv)
+        if logits_index is not None:
+            h = h[torch.arange(b, device=device), logits_index.to(device)][:, None, :]
+        y = self.rms_norm(h)
+        logits = y @ self.embeddings.to(act).T
+        logits = logits * scalar(cfg.output_multiplier_scale, act, device)
+        return logits.float()
+
+
+def attention_score_bytes(config: Grok1Config, batch: int, queries: int, keys: int) -> int:
+    """Largest score tensor `attend` builds, for tests and planning."""
+    row = batch * config.num_q_heads * keys * 4
+    chunk = max(1, ATTENTION_SCORE_BUDGET_BYTES // max(1, row))
+    return min(queries, chunk) * row
+
+
+def num_active_parameters(config: Grok1Config) -> int:
+    d = config.emb_size
+    attention = d * config.q_proj_size * 2 + d * config.kv_proj_size * 2
+    experts = config.num_selected_experts * 3 * d * config.ffn_size
+    return config.vocab_size * d + config.num_layers * (attention + experts + d * config.num_experts + 4 * d) + d
+
+
+__all__ = ["Grok1", "KVCache", "ParamSpec", "parameter_specs", "math"]
