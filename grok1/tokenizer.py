@@ -8,7 +8,6 @@ characters back until they are whole.
 
 from __future__ import annotations
 
-import codecs
 import os
 
 import sentencepiece as spm

@@ -1,0 +1,257 @@
+"""The `grok1` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from .config import PRESETS, Grok1Config, preset
+from .errors import Grok1Error
+
+DEMO_PROMPT = "The model reads a sequence of tokens and"
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise Grok1Error(f"--token-ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationStats, StopStringFilter, stream
+    from .loader import load
+    from .tokenizer import Tokenizer, find_tokenizer
+
+    if args.max_new_tokens < 0:
+        raise Grok1Error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    tokenizer_path = args.tokenizer or find_tokenizer(args.model)
+    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise Grok1Error(
+                f"--prompt needs a tokenizer: none found in {args.model}; pass --tokenizer PATH or use --token-ids"
+            )
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=args.add_bos)
+        if not prompt_ids:
+            raise Grok1Error("--prompt encodes to no tokens")
+    else:
+        prompt_ids = _token_ids(args.token_ids)
+        if not prompt_ids:
+            raise Grok1Error("--token-ids is empty")
+
+    started = time.perf_counter()
+    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json)
+    load_s = time.perf_counter() - started
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise Grok1Error(
+            f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}"
+        )
+
+    stats = GenerationStats()
+    new_ids: list[int] = []
+    pieces: list[str] = []
+    decoder = tokenizer.stream_decoder(at_start=False) if tokenizer else None
+    stops = StopStringFilter(args.stop or [])
+    out = sys.stdout
+    if not args.json and tokenizer is not None and args.prompt is not None:
+        out.write(args.prompt)
+        out.flush()
+    finish_reason = "length"
+    for token in stream(
+        model,
+        prompt_ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        stats=stats,
+    ):
+        new_ids.append(token)
+        if token == model.config.eos_token and not args.ignore_eos:
+            finish_reason = "stop"
+        if decoder is None:
+            if not args.json:
+                out.write(f"{token} ")
+                out.flush()
+            continue
+        text = stops.push(decoder.push(token))
+        pieces.append(text)
+        if not args.json:
+            out.write(text)
+            out.flush()
+        if stops.stopped:
+            finish_reason = "stop"
+            break
+    if decoder is not None:
+        tail = stops.push(decoder.flush()) + stops.flush()
+        pieces.append(tail)
+        if not args.json:
+            out.write(tail)
+    stats_obj = {
+        "load_s": round(load_s, 4),
+        "prefill_tokens_per_s": round(stats.prefill_tokens_per_s, 2),
+        "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": len(new_ids),
+    }
+    if args.json:
+        json.dump(
+            {
+                "prompt_token_ids": prompt_ids,
+                "token_ids": new_ids,
+                "text": "".join(pieces) if decoder is not None else None,
+                "finish_reason": finish_reason,
+                "stats": stats_obj,
+            },
+            out,
+        )
+        out.write("\n")
+    else:
+        out.write("\n")
+        print(
+            f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} new; load {load_s:.2f} s, "
+            f"prefill {stats.prefill_tokens_per_s:.1f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s, "
+            f"peak RSS {stats_obj['peak_rss_mb']:.0f} MB]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _synth_config(args: argparse.Namespace) -> Grok1Config:
+    base = preset(args.preset)
+    overrides = {
+        "emb_size": args.emb,
+        "num_layers": args.layers,
+        "num_experts": args.experts,
+        "num_selected_experts": args.top_k,
+        "num_q_heads": args.q_heads,
+        "num_kv_heads": args.kv_heads,
+        "key_size": args.key_size,
+        "widening_factor": args.widening_factor,
+        "vocab_size": args.vocab,
+        "sequence_len": args.sequence_len,
+    }
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    name = base.name if not changes else f"{base.name}-custom"
+    return base.replace(name=name, **changes)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import write_release
+
+    config = _synth_config(args)
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        raise Grok1Error(f"{args.tokenizer}: no such tokenizer file")
+    write_release(args.dst, config, seed=args.seed, tokenizer=args.tokenizer, force=args.force)
+    print(
+        f"wrote {args.dst}: {config.num_layers} layers, emb {config.emb_size}, {config.num_experts} experts "
+        f"(top-{config.num_selected_experts}), {config.num_q_heads}/{config.num_kv_heads} heads of {config.key_size}, "
+        f"ffn {config.ffn_size}, vocab {config.vocab_size}; {config.num_parameters() / 1e6:.1f}M parameters, random weights"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .synth import train_demo_tokenizer, write_release
+
+    print("grok1 demo: a miniature Grok-1 with RANDOM weights, so its text is noise shaped like language.")
+    print("It runs every part of the engine on the real release layout: checkpoint reader, model, KV cache, sampler.\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_demo_tokenizer(tmp)
+        from .tokenizer import Tokenizer
+
+        vocab = Tokenizer(tokenizer).vocab_size
+        config = PRESETS["tiny"].replace(name="demo", vocab_size=vocab)
+        write_release(args.dir, config, seed=args.seed, tokenizer=tokenizer, force=True)
+    print(f"1. wrote {args.dir}/ (config.json, tokenizer.model, ckpt-0/ with {config.num_layers * 12 + 2} tensor files)")
+    print(f"2. generating from: {DEMO_PROMPT!r}\n")
+    gen_args = build_parser().parse_args(
+        ["generate", "--model", args.dir, "--prompt", DEMO_PROMPT, "--max-new-tokens", str(args.max_new_tokens),
+         "--temperature", "0.8", "--seed", str(args.seed)]
+    )
+    cmd_generate(gen_args)
+    print("\nThe weights are random: the text above is noise. Point --model at a real checkpoint for real text.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grok1", description="Run xAI's Grok-1 anywhere.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text or token ids from a prompt")
+    g.add_argument("--model", required=True, help="model directory (release layout: ckpt-0/, optional config.json)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    src.add_argument("--token-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: found in or beside the model)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
+    g.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens even after EOS")
+    g.add_argument("--add-bos", action="store_true", help="prepend BOS (the official runner does not)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("synth", help="write a random-weight model in the release layout")
+    s.add_argument("dst")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    s.add_argument("--emb", type=int)
+    s.add_argument("--layers", type=int)
+    s.add_argument("--experts", type=int)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--q-heads", type=int)
+    s.add_argument("--kv-heads", type=int)
+    s.add_argument("--key-size", type=int)
+    s.add_argument("--widening-factor", type=float)
+    s.add_argument("--vocab", type=int)
+    s.add_argument("--sequence-len", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", help="tokenizer.model to copy into the model directory")
+    s.add_argument("--force", action="store_true", help="replace an existing destination")
+    s.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
+    d.add_argument("--dir", default="demo-model")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Grok1Error as exc:
+        print(f"grok1: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("grok1: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
