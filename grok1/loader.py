@@ -77,16 +77,15 @@ def load(
     started = time.perf_counter()
     model = Grok1(config, activation_dtype=act)
     total = len(xai.release_order(config))
-    bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
-    for item in xai.iter_release(path, config):
-        value = item.value
-        if item.spec.path.endswith("in_out_embed/embeddings") and act == torch.bfloat16:
-            # The official code casts the table to the activation dtype before each use; doing it once
-            # here is exact and halves its memory.
-            value = value.to(torch.bfloat16)
-        model.set_weight(item.spec.path, value.to(target) if target.type != "cpu" else value)
-        bar.update(1)
-    bar.close()
+    with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
+        for item in xai.iter_release(path, config):
+            value = item.value
+            if item.spec.path.endswith("in_out_embed/embeddings") and act == torch.bfloat16:
+                # The official code casts the table to the activation dtype before each use; doing it
+                # once here is exact and halves its memory.
+                value = value.to(torch.bfloat16)
+            model.set_weight(item.spec.path, value.to(target) if target.type != "cpu" else value)
+            bar.update(1)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model

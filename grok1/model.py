@@ -8,7 +8,6 @@ here are the official code's: they are what makes the float32 path reproduce the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -403,4 +402,4 @@ def num_active_parameters(config: Grok1Config) -> int:
     return config.vocab_size * d + config.num_layers * (attention + experts + d * config.num_experts + 4 * d) + d
 
 
-__all__ = ["Grok1", "KVCache", "ParamSpec", "parameter_specs", "math"]
+__all__ = ["Grok1", "KVCache", "ParamSpec", "parameter_specs"]

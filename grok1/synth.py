@@ -194,3 +194,17 @@ def train_demo_tokenizer(out_dir: str, vocab_size: int = 512) -> str:
     )
     os.remove(prefix + ".vocab")
     return prefix + ".model"
+
+
+def random_model(config: Grok1Config, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """An in-memory model with the same weights `write_release(..., seed=seed)` would write."""
+    from .model import Grok1
+
+    check_writable_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    model = Grok1(config, activation_dtype=dtype)
+    for spec in xai.release_order(config):
+        model.set_weight(spec.path, synth_tensor(spec, config, gen))
+    if dtype == torch.bfloat16:
+        model.embeddings = model.embeddings.to(torch.bfloat16)
+    return model.eval()
