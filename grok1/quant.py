@@ -1,12 +1,20 @@
-"""The release's 8-bit weights: int8 values with bfloat16 scales, dequantised exactly as the official code.
+"""Weight storage types. Each holds a projection (or a stack of expert projections) and gives the
+matrix the model multiplies with through `dequantize(expert=None)` -> [in, out].
 
-A projection is stored input-major (`x @ w`, w of shape [in, out]); an expert stack adds a leading
-expert axis. Scales have the same rank with the input axis reduced to `blocks` rows: 1 for the
-column-parallel matrices, 8 for the two row-parallel ones (attention output, expert down
-projection), where row block b covers input rows b*in/blocks .. (b+1)*in/blocks - 1.
+- `Int8Weight`: the release's int8 values with blocked bfloat16 scales, dequantised exactly as the
+  official code does: `bf16(float(q) * scale)`, an exact int8->bf16 conversion followed by a bfloat16
+  multiply, so the product is rounded to bfloat16 even when activations are float32.
+- `Int4Weight`: 4-bit values in groups of 32 along the input with one bfloat16 scale per group (the
+  information of GGUF Q4_0).
+- `BF16Weight`: plain bfloat16 values.
 
-The official dequantisation is `bf16(float(q) * scale)`: an exact int8->bf16 conversion followed by a
-bfloat16 multiply, so the product is rounded to bfloat16 even when activations are float32.
+Storage is output-major ([out, in] per block), the orientation weight-only matmul kernels read; the
+release stores input-major ([in, out]) and is transposed when read.
+
+Release scales have the input axis reduced to `blocks` rows: 1 for the column-parallel matrices, 8 for
+the two row-parallel ones (attention output, expert down projection), where row block b covers input
+rows b*in/blocks .. (b+1)*in/blocks - 1. `Int8Weight` keeps that structure: `qweight` is
+[..., blocks, out, in/blocks] and `scales` [..., blocks, out].
 """
 
 from __future__ import annotations
@@ -14,56 +22,142 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+INT4_GROUP = 32
+
 
 class Int8Weight(nn.Module):
-    """An int8 matrix (or stack of expert matrices) with blocked bfloat16 scales."""
+    """int8 values [..., blocks, out, in/blocks] with bfloat16 scales [..., blocks, out]."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
-        if weight.dtype != torch.int8:
-            raise TypeError(f"weight must be int8, got {weight.dtype}")
+        if qweight.dtype != torch.int8:
+            raise TypeError(f"weight must be int8, got {qweight.dtype}")
         if scales.dtype != torch.bfloat16:
             raise TypeError(f"scales must be bfloat16, got {scales.dtype}")
+        if qweight.dim() != scales.dim() + 1 or scales.dim() < 2 or qweight.shape[:-1] != scales.shape:
+            raise ValueError(f"blocked weight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not match")
+        self.register_buffer("qweight", qweight, persistent=True)
+        self.register_buffer("scales", scales, persistent=True)
+
+    @classmethod
+    def from_release(cls, weight: torch.Tensor, scales: torch.Tensor) -> Int8Weight:
+        """From the release's layout: weight [..., in, out], scales [..., blocks, out]."""
+        if weight.dtype != torch.int8:
+            raise TypeError(f"weight must be int8, got {weight.dtype}")
         if weight.dim() != scales.dim() or weight.dim() < 2:
             raise ValueError(f"weight {tuple(weight.shape)} and scales {tuple(scales.shape)} must have the same rank >= 2")
-        in_features, blocks = weight.shape[-2], scales.shape[-2]
-        if blocks == 0 or in_features % blocks:
-            raise ValueError(f"{blocks} scale row blocks do not divide the input size {in_features}")
-        if scales.shape[:-2] != weight.shape[:-2] or scales.shape[-1] != weight.shape[-1]:
+        *lead, k, n = weight.shape
+        blocks = scales.shape[-2]
+        if blocks == 0 or k % blocks:
+            raise ValueError(f"{blocks} scale row blocks do not divide the input size {k}")
+        if list(scales.shape[:-2]) != lead or scales.shape[-1] != n:
             raise ValueError(f"scales {tuple(scales.shape)} do not match weight {tuple(weight.shape)}")
-        self.register_buffer("weight", weight, persistent=True)
+        blocked = weight.reshape(*lead, blocks, k // blocks, n).transpose(-1, -2).contiguous()
+        return cls(blocked, scales)
+
+    @property
+    def blocks(self) -> int:
+        return self.qweight.shape[-3]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-3] * self.qweight.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[-2]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 values in the release's layout [..., in, out] (a copy)."""
+        *lead, g, n, kb = self.qweight.shape
+        return self.qweight.transpose(-1, -2).reshape(*lead, g * kb, n)
+
+    def dequantize(self, expert: int | None = None) -> torch.Tensor:
+        """The bfloat16 matrix [in, out] the official code multiplies with (one expert's, for a stack)."""
+        q = self.qweight if expert is None else self.qweight[expert]
+        s = self.scales if expert is None else self.scales[expert]
+        *lead, g, n, kb = q.shape
+        w = q.to(torch.bfloat16) * s.unsqueeze(-1)  # [.., g, out, in/g], one bf16 rounding
+        return w.transpose(-1, -2).reshape(*lead, g * kb, n)
+
+    def extra_repr(self) -> str:
+        return f"int8 {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)} bf16"
+
+
+class Int4Weight(nn.Module):
+    """4-bit values in groups of 32 along the input, one bfloat16 scale per group.
+
+    `packed` is uint8 [..., out, in/32, 16]: byte j of a group holds value j in its low nibble and
+    value j+16 in its high nibble, each stored as q+8 (q in -8..7), the Q4_0 arrangement.
+    `scales` is bfloat16 [..., out, in/32]. Value = q * scale.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        if packed.dtype != torch.uint8 or scales.dtype != torch.bfloat16:
+            raise TypeError(f"int4 weights are uint8 + bfloat16, got {packed.dtype} + {scales.dtype}")
+        if packed.shape[:-1] != scales.shape or packed.shape[-1] != INT4_GROUP // 2:
+            raise ValueError(f"packed int4 {tuple(packed.shape)} and scales {tuple(scales.shape)} do not match")
+        self.register_buffer("packed", packed, persistent=True)
         self.register_buffer("scales", scales, persistent=True)
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[-2]
+        return self.packed.shape[-2] * INT4_GROUP
 
     @property
     def out_features(self) -> int:
+        return self.packed.shape[-3]
+
+    def values(self, expert: int | None = None) -> torch.Tensor:
+        """int8 values q in -8..7, [..., out, in]."""
+        p = self.packed if expert is None else self.packed[expert]
+        low = (p & 0x0F).to(torch.int8) - 8
+        high = (p >> 4).to(torch.int8) - 8
+        q = torch.cat([low, high], dim=-1)  # [..., out, groups, 32]
+        return q.reshape(*q.shape[:-2], q.shape[-2] * INT4_GROUP)
+
+    def dequantize(self, expert: int | None = None) -> torch.Tensor:
+        s = self.scales if expert is None else self.scales[expert]
+        q = self.values(expert)
+        w = q.view(*q.shape[:-1], -1, INT4_GROUP).float() * s.float().unsqueeze(-1)
+        return w.to(torch.bfloat16).reshape(q.shape).transpose(-1, -2)
+
+    def extra_repr(self) -> str:
+        return f"int4 {tuple(self.packed.shape)}, scales {tuple(self.scales.shape)} bf16"
+
+
+class BF16Weight(nn.Module):
+    """Plain bfloat16 values [..., out, in]."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        if weight.dtype != torch.bfloat16:
+            raise TypeError(f"weight must be bfloat16, got {weight.dtype}")
+        self.register_buffer("weight", weight, persistent=True)
+
+    @property
+    def in_features(self) -> int:
         return self.weight.shape[-1]
 
     @property
-    def blocks(self) -> int:
-        return self.scales.shape[-2]
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
-        """The bfloat16 matrix [in, out] the official code multiplies with (one expert's, for a stack)."""
-        weight = self.weight if expert is None else self.weight[expert]
-        scales = self.scales if expert is None else self.scales[expert]
-        *lead, k, n = weight.shape
-        g = scales.shape[-2]
-        blocked = weight.reshape(*lead, g, k // g, n).to(torch.bfloat16) * scales.unsqueeze(-2)
-        return blocked.reshape(*lead, k, n)
+        w = self.weight if expert is None else self.weight[expert]
+        return w.transpose(-1, -2)
 
-    def extra_repr(self) -> str:
-        return f"weight={tuple(self.weight.shape)} int8, scales={tuple(self.scales.shape)} bf16"
+
+QuantizedWeight = Int8Weight | Int4Weight | BF16Weight
 
 
 def quantize_int8(w: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output column and per input-row block, the way the release is laid out.
 
-    scale = bf16(absmax / 127); q = clip(rint(w / scale), -127, 127). Returns (q int8, scales bf16)
-    with the input axis of the scales reduced to `blocks`.
+    w is [..., in, out]. scale = bf16(absmax / 127); q = clip(rint(w / scale), -127, 127). Returns
+    (q int8 [..., in, out], scales bf16 [..., blocks, out]), the release's layout.
     """
     *lead, k, n = w.shape
     if k % blocks:
@@ -74,3 +168,19 @@ def quantize_int8(w: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch
     safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
     q = torch.clamp(torch.round(w32 / safe), -127, 127).to(torch.int8)
     return q.reshape(*lead, k, n), scales.squeeze(-2)
+
+
+def quantize_int4(w_out_in: torch.Tensor) -> Int4Weight:
+    """Q4_0's rule per group of 32 inputs: scale = v / -8 where v is the value of largest magnitude,
+    q = clamp(round(x / scale), -8, 7). Input [..., out, in] (any float dtype)."""
+    *lead, n, k = w_out_in.shape
+    if k % INT4_GROUP:
+        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of {INT4_GROUP}")
+    x = w_out_in.float().reshape(*lead, n, k // INT4_GROUP, INT4_GROUP)
+    index = x.abs().argmax(dim=-1, keepdim=True)
+    extreme = torch.gather(x, -1, index)
+    scales = (extreme / -8.0).to(torch.bfloat16)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
+    q = torch.clamp(torch.round(x / safe), -8, 7).to(torch.int16) + 8
+    packed = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
+    return Int4Weight(packed, scales.squeeze(-1))

@@ -79,8 +79,8 @@ def synth_tensor(spec: ParamSpec, config: Grok1Config, gen: torch.Generator) -> 
     blocks = xai.RELEASE_ROW_BLOCKS if spec.row_parallel else 1
     if len(spec.shape) == 3:  # an expert stack: draw and quantise one expert at a time
         parts = [quantize_int8(_draw(spec, config, gen, expert=e), blocks) for e in range(spec.shape[0])]
-        return Int8Weight(torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts]))
-    return Int8Weight(*quantize_int8(_draw(spec, config, gen), blocks))
+        return Int8Weight.from_release(torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts]))
+    return Int8Weight.from_release(*quantize_int8(_draw(spec, config, gen), blocks))
 
 
 def check_writable_config(config: Grok1Config) -> None:

@@ -93,7 +93,7 @@ def test_missing_tensor_file(model_dir):
 
 
 def test_shape_disagrees_with_config(model_dir):
-    wrong = Int8Weight(torch.zeros(128, 128, dtype=torch.int8), torch.ones(1, 128, dtype=torch.bfloat16))
+    wrong = Int8Weight.from_release(torch.zeros(128, 128, dtype=torch.int8), torch.ones(1, 128, dtype=torch.bfloat16))
     (model_dir / "ckpt-0" / KEY_FILE).write_bytes(xai.tensor_file_bytes(wrong))
     assert_cli_refuses(model_dir, KEY_FILE, KEY_PATH, "[128, 128]", "[128, 256]")
 

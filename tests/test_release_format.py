@@ -87,7 +87,7 @@ def test_fixture_tensors_read_exactly_and_rewrite_byte_identical():
 def test_dequantisation_rounds_product_to_bf16():
     weight = torch.tensor([[127, -3], [5, 1]], dtype=torch.int8)
     scales = torch.tensor([[0.0123, 1.7]], dtype=torch.bfloat16)
-    w = Int8Weight(weight, scales).dequantize()
+    w = Int8Weight.from_release(weight, scales).dequantize()
     assert w.dtype == torch.bfloat16
     exact = weight.double() * scales.double()
     assert torch.equal(w, exact.to(torch.bfloat16))  # one rounding of the exact product
@@ -96,7 +96,7 @@ def test_dequantisation_rounds_product_to_bf16():
 def test_row_blocks_apply_per_input_block():
     weight = torch.ones(8, 3, dtype=torch.int8)
     scales = torch.arange(1, 1 + 4 * 3, dtype=torch.bfloat16).view(4, 3)
-    w = Int8Weight(weight, scales).dequantize()
+    w = Int8Weight.from_release(weight, scales).dequantize()
     for row in range(8):
         assert torch.equal(w[row], scales[row // 2])
 

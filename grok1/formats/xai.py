@@ -186,10 +186,15 @@ def load_tensor_file(fh: BinaryIO) -> torch.Tensor | Int8Weight:
                 f"QuantizedWeight8bit holds weight {weight.dtype} / scales {scales.dtype}, expected int8 / bfloat16"
             )
         try:
-            return Int8Weight(weight, scales)
+            return Int8Weight.from_release(weight, scales)
         except ValueError as exc:
             raise pickle.UnpicklingError(f"QuantizedWeight8bit: {exc}") from None
     return _to_tensor(obj, "array")
+
+
+def release_shape(value: Int8Weight) -> tuple[int, ...]:
+    """The logical [..., in, out] shape of a quantised weight."""
+    return (*value.qweight.shape[:-3], value.in_features, value.out_features)
 
 
 @dataclass
@@ -204,10 +209,9 @@ def check_against_spec(value: torch.Tensor | Int8Weight, spec: ParamSpec, file: 
     if spec.quantised:
         if not isinstance(value, Int8Weight):
             raise CheckpointError(f"{where}: expected an int8 QuantizedWeight8bit, found a plain {value.dtype} array")
-        if tuple(value.weight.shape) != spec.shape:
-            raise CheckpointError(
-                f"{where}: weight shape {list(value.weight.shape)} does not match the config's {list(spec.shape)}"
-            )
+        shape = release_shape(value)
+        if shape != spec.shape:
+            raise CheckpointError(f"{where}: weight shape {list(shape)} does not match the config's {list(spec.shape)}")
         blocks = value.blocks
         if not spec.row_parallel and blocks != 1:
             raise CheckpointError(f"{where}: scales shape {list(value.scales.shape)} has {blocks} row blocks, expected 1")
