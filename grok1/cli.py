@@ -189,6 +189,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """'4GB' -> 4e9 bytes, '512MiB' -> 512 * 2**20; a bare number is bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+    s = text.strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise Grok1Error(f"cannot read the size {text!r} (examples: 4GB, 512MiB)") from None
+    if unit not in units or value <= 0:
+        raise Grok1Error(f"cannot read the size {text!r} (examples: 4GB, 512MiB)")
+    return int(value * units[unit])
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    fmt = args.format or ("gguf" if args.dst.endswith(".gguf") else "native")
+    if fmt == "gguf":
+        raise Grok1Error("GGUF export is not available in this build")
+    from .convert import convert_to_native
+
+    quant = args.quant or "int8"
+    shard_bytes = parse_size(args.shard_size)
+    figures = convert_to_native(args.src, args.dst, quant=quant, tokenizer=args.tokenizer, force=args.force,
+                                shard_bytes=shard_bytes, progress=not args.quiet)
+    resumed = f", {figures['resumed_shards']} resumed" if figures["resumed_shards"] else ""
+    print(
+        f"wrote {args.dst}: {quant}, {figures['bytes'] / 1e9:.3f} GB in {figures['shards']} shard(s){resumed}; "
+        f"{figures['total_s']:.1f} s, verified"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.path, progress=not args.quiet)
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{report.path}: {report.kind} model, {report.tensors} tensors, {report.bytes_checked / 1e9:.3f} GB checked: {status}")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok1", description="Run xAI's Grok-1 anywhere.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="tokenizer.model to copy into the model directory")
     s.add_argument("--force", action="store_true", help="replace an existing destination")
     s.set_defaults(func=cmd_synth)
+
+    c = sub.add_parser("convert", help="convert a release (or native) model to the native format")
+    c.add_argument("src", help="release directory (ckpt-0/) or native directory")
+    c.add_argument("dst", help="output directory (native) or .gguf file")
+    c.add_argument("--format", choices=["native", "gguf"], help="default: gguf for a .gguf DST, else native")
+    c.add_argument("--quant", help="native: int8 (the release's own values, default), int4, bf16")
+    c.add_argument("--tokenizer", help="tokenizer.model to include (default: found in or beside SRC)")
+    c.add_argument("--shard-size", default="4GB", help="largest shard (native), e.g. 4GB")
+    c.add_argument("--force", action="store_true", help="replace an existing DST")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("verify", help="check a release or native model directory against its config")
+    v.add_argument("path")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
     d.add_argument("--dir", default="demo-model")

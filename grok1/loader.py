@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from .config import GROK1, Grok1Config
 from .errors import CheckpointError, Grok1Error
-from .formats import xai
-from .model import Grok1
+from .formats import native, xai
+from .model import Grok1, parameter_specs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -56,13 +56,16 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    verify: bool = False,
 ) -> Grok1:
-    """Loads a model directory in the release layout (`ckpt-0/`, optional `config.json`).
+    """Loads a model directory: native (memory-mapped safetensors, see `grok1 convert`) or the
+    release layout (`ckpt-0/`, optional `config.json`).
 
     Returns a `Grok1` module in eval mode whose call on int64 ids [B, T] gives float32 logits
     [B, T, vocab]. `dtype` is the activation dtype (bfloat16 by default, as the official code;
-    float32 reproduces the official float32 path). Int8 weights stay int8 and are dequantised
-    inside each matmul.
+    float32 reproduces the official float32 path). Quantised weights stay quantised and are
+    dequantised inside each matmul. A native model is mapped, not read: no weight bytes are touched
+    until a layer uses them, unless `verify=True`, which first checks every tensor's checksum.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -71,21 +74,61 @@ def load(
         raise Grok1Error(f"{path}: not a model directory")
     act = resolve_dtype(dtype)
     target = resolve_device(device)
-    config = read_config(path)
-    if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
-        raise CheckpointError(f"{path}: no {xai.CHECKPOINT_SUBDIR}/ directory; not a model in the release layout")
     started = time.perf_counter()
+    if native.is_native(path):
+        model = _load_native(path, act, target, verify=verify, progress=progress)
+    else:
+        if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
+            raise CheckpointError(
+                f"{path}: neither a native model ({native.INDEX_FILE}) nor the release layout ({xai.CHECKPOINT_SUBDIR}/)"
+            )
+        model = _load_release(path, act, target, progress=progress)
+    model.eval()
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def _place(model: Grok1, path: str, value, target: torch.device) -> None:
+    model.set_weight(path, value.to(target) if target.type != "cpu" else value)
+
+
+def _load_release(path: str, act: torch.dtype, target: torch.device, progress: bool) -> Grok1:
+    config = read_config(path)
     model = Grok1(config, activation_dtype=act)
     total = len(xai.release_order(config))
     with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
         for item in xai.iter_release(path, config):
             value = item.value
-            if item.spec.path.endswith("in_out_embed/embeddings") and act == torch.bfloat16:
+            if item.spec.path == "language_model/in_out_embed/embeddings" and act == torch.bfloat16:
                 # The official code casts the table to the activation dtype before each use; doing it
                 # once here is exact and halves its memory.
                 value = value.to(torch.bfloat16)
-            model.set_weight(item.spec.path, value.to(target) if target.type != "cpu" else value)
+            _place(model, item.spec.path, value, target)
             bar.update(1)
-    model.eval()
-    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def _load_native(path: str, act: torch.dtype, target: torch.device, verify: bool, progress: bool) -> Grok1:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: a native model needs its config.json")
+    config = read_config(path)
+    ckpt = native.NativeCheckpoint(path)
+    problems = ckpt.check_layout(config)
+    if verify:
+        problems += ckpt.verify_checksums(progress=progress)
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    model = Grok1(config, activation_dtype=act)
+    for spec in parameter_specs(config).values():
+        if spec.path == "language_model/in_out_embed/embeddings":
+            if act == torch.bfloat16:
+                # Exact: the official code casts the float32 table to bf16 before use.
+                has_bf16 = native.EMBEDDING_BF16 in ckpt.location
+                value = ckpt.tensor(native.EMBEDDING_BF16) if has_bf16 else ckpt.tensor(native.EMBEDDING).to(act)
+            else:
+                value = ckpt.tensor(native.EMBEDDING)
+        else:
+            value = ckpt.weight(spec)
+        _place(model, spec.path, value, target)
+    model.checkpoint = ckpt  # keeps the mappings alive with the model
     return model

@@ -16,6 +16,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -442,3 +443,188 @@ def tensor_file_bytes(value: torch.Tensor | Int8Weight) -> bytes:
     buf = io.BytesIO()
     write_tensor_file(buf, value)
     return buf.getvalue()
+
+
+# ---- locating payloads without reading them ----------------------------------------------------
+
+_PAYLOAD_INLINE_LIMIT = 1 << 16  # payloads at least this large are located, not read
+_OPCODES = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_BYTES_OPCODES = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
+_LENGTH_FORMATS = {-2: "<B", -3: "<i", -4: "<I", -5: "<Q"}
+
+
+@dataclass(frozen=True)
+class Payload:
+    """An array inside a release file: where its raw bytes are, and what they are."""
+
+    file: str
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    inline: bytes | None = None  # small payloads are kept in memory
+
+    def read(self) -> torch.Tensor:
+        """The whole array (for small payloads, or when a copy is wanted)."""
+        if self.inline is not None:
+            data = self.inline
+        else:
+            with open(self.file, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(self.nbytes)
+            if len(data) != self.nbytes:
+                raise CheckpointError(f"{self.file}: truncated payload")
+        return torch.frombuffer(bytearray(data), dtype=self.dtype).view(self.shape) if data else torch.empty(self.shape, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class ScannedTensor:
+    """A release file's structure: one array, or an int8 weight with its scales."""
+
+    array: Payload | None = None
+    weight: Payload | None = None
+    scales: Payload | None = None
+
+    @property
+    def quantised(self) -> bool:
+        return self.weight is not None
+
+
+def scan_tensor_file(path: str) -> ScannedTensor:
+    """Reads a release file's pickle opcodes, seeking past large payloads, and interprets the
+    remaining structure with the restricted unpickler. Memory use is independent of the tensor size."""
+    refs: dict[bytes, tuple[int, int]] = {}
+    nonce = os.urandom(8).hex()
+    skeleton = bytearray()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while True:
+            code = fh.read(1)
+            if not code:
+                raise EOFError("pickle data was truncated (no STOP opcode)")
+            op = _OPCODES.get(code)
+            if op is None:
+                raise pickle.UnpicklingError(f"invalid pickle opcode {code!r} at byte {fh.tell() - 1}")
+            if op.name == "FRAME":
+                if len(fh.read(8)) != 8:
+                    raise EOFError("pickle data was truncated")
+                continue  # frames are optional; the skeleton is unframed
+            arg = b""
+            if op.arg is not None:
+                n = op.arg.n
+                if n >= 0:
+                    arg = fh.read(n)
+                    if len(arg) != n:
+                        raise EOFError("pickle data was truncated")
+                elif n == -1:
+                    lines = 2 if op.arg.name == "stringnl_noescape_pair" else 1
+                    arg = b"".join(fh.readline() for _ in range(lines))
+                else:
+                    fmt = _LENGTH_FORMATS[n]
+                    head = fh.read(struct.calcsize(fmt))
+                    if len(head) != struct.calcsize(fmt):
+                        raise EOFError("pickle data was truncated")
+                    length = struct.unpack(fmt, head)[0]
+                    if length < 0:
+                        raise pickle.UnpicklingError("negative length in pickle")
+                    if op.name in _BYTES_OPCODES and length >= _PAYLOAD_INLINE_LIMIT:
+                        offset = fh.tell()
+                        if offset + length > size:
+                            raise EOFError(
+                                f"pickle data was truncated: a {length}-byte payload at byte {offset} runs past the "
+                                f"end of the {size}-byte file"
+                            )
+                        tag = f"@payload:{nonce}:{len(refs)}".encode()
+                        refs[tag] = (offset, length)
+                        skeleton += b"C" + bytes([len(tag)]) + tag
+                        fh.seek(length, os.SEEK_CUR)
+                        continue
+                    body = fh.read(length)
+                    if len(body) != length:
+                        raise EOFError("pickle data was truncated")
+                    arg = head + body
+            skeleton += code + arg
+            if op.name == "STOP":
+                break
+        if fh.read(1):
+            raise pickle.UnpicklingError("unexpected data after the pickle")
+    obj = RestrictedUnpickler(io.BytesIO(bytes(skeleton))).load()
+
+    def payload(record: Any, what: str) -> Payload:
+        if not isinstance(record, _ArrayRecord) or record.dtype is None:
+            raise pickle.UnpicklingError(f"{what} is not an array")
+        dtype = _DTYPES[record.dtype.name]
+        if record.dtype.byteorder == ">":
+            raise pickle.UnpicklingError(f"{what} is not little-endian")
+        nbytes = math.prod(record.shape) * _ITEMSIZE[dtype]
+        data = bytes(record.data)
+        if data in refs:
+            offset, length = refs[data]
+            inline = None
+        else:
+            offset, length, inline = -1, len(data), data
+        if length != nbytes:
+            raise pickle.UnpicklingError(f"{what} holds {length} bytes, shape {list(record.shape)} needs {nbytes}")
+        return Payload(path, offset, nbytes, tuple(record.shape), dtype, inline)
+
+    if isinstance(obj, _QuantizedWeightRecord):
+        weight = payload(obj.weight, "QuantizedWeight8bit.weight")
+        scales = payload(obj.scales, "QuantizedWeight8bit.scales")
+        if weight.dtype != torch.int8 or scales.dtype != torch.bfloat16:
+            raise pickle.UnpicklingError(
+                f"QuantizedWeight8bit holds weight {weight.dtype} / scales {scales.dtype}, expected int8 / bfloat16"
+            )
+        return ScannedTensor(weight=weight, scales=scales)
+    return ScannedTensor(array=payload(obj, "array"))
+
+
+def check_scanned(scanned: ScannedTensor, spec: ParamSpec, file: str) -> None:
+    where = f"{file} ({spec.path})"
+    if spec.quantised:
+        if not scanned.quantised:
+            raise CheckpointError(f"{where}: expected an int8 QuantizedWeight8bit, found a plain {scanned.array.dtype} array")
+        shape, sshape = scanned.weight.shape, scanned.scales.shape
+        if shape != spec.shape:
+            raise CheckpointError(f"{where}: weight shape {list(shape)} does not match the config's {list(spec.shape)}")
+        if len(sshape) != len(shape) or sshape[:-2] != shape[:-2] or sshape[-1] != shape[-1]:
+            raise CheckpointError(f"{where}: scales shape {list(sshape)} does not match weight shape {list(shape)}")
+        blocks = sshape[-2]
+        if blocks == 0 or shape[-2] % blocks:
+            raise CheckpointError(f"{where}: {blocks} scale row blocks do not divide the input size {shape[-2]}")
+        if not spec.row_parallel and blocks != 1:
+            raise CheckpointError(f"{where}: scales shape {list(sshape)} has {blocks} row blocks, expected 1")
+    else:
+        if scanned.quantised:
+            raise CheckpointError(f"{where}: expected a float32 array, found a QuantizedWeight8bit")
+        if scanned.array.shape != spec.shape:
+            raise CheckpointError(f"{where}: shape {list(scanned.array.shape)} does not match the config's {list(spec.shape)}")
+        if scanned.array.dtype != torch.float32:
+            raise CheckpointError(f"{where}: dtype {scanned.array.dtype} where float32 is expected")
+
+
+def scan_checked(file: str, spec: ParamSpec) -> ScannedTensor:
+    """One release file's structure, checked against its parameter; errors name the file and path."""
+    where = f"{file} ({spec.path})"
+    try:
+        scanned = scan_tensor_file(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing tensor file") from None
+    except ForbiddenGlobal as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError, KeyError) as exc:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, EOFError) or "truncated" in detail:
+            detail = f"truncated or corrupt file ({detail})"
+        raise CheckpointError(f"{where}: {detail}") from None
+    check_scanned(scanned, spec, file)
+    return scanned
+
+
+def scan_release(path: str | os.PathLike[str], config: Grok1Config) -> Iterator[tuple[ParamSpec, str, ScannedTensor]]:
+    """Every tensor file's structure, checked against the config, without reading payloads."""
+    ckpt = os.path.join(os.fspath(path), CHECKPOINT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{path}: no {CHECKPOINT_SUBDIR}/ directory (expected the release layout)")
+    for index, spec in enumerate(release_order(config)):
+        file = os.path.join(ckpt, tensor_filename(index))
+        yield spec, file, scan_checked(file, spec)
