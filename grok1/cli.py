@@ -52,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise Grok1Error("--token-ids is empty")
 
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json)
+    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json, exact=args.exact)
     load_s = time.perf_counter() - started
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise Grok1Error(
@@ -234,6 +234,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .loader import load
+    from .perplexity import evaluate
+    from .tokenizer import Tokenizer, find_tokenizer
+
+    try:
+        with open(args.text_file, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Grok1Error(f"{args.text_file}: cannot read the text ({exc})") from None
+    tokenizer_path = args.tokenizer or find_tokenizer(args.model)
+    if tokenizer_path is None:
+        raise Grok1Error(f"no tokenizer found in {args.model}; pass --tokenizer PATH")
+    ids = Tokenizer(tokenizer_path).encode(text)
+    model = load(args.model, dtype=args.dtype, device=args.device, exact=args.exact)
+    reference = None
+    if args.reference is not None:
+        reference = load(args.reference, dtype=args.reference_dtype, device=args.device, exact=args.reference_exact)
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise Grok1Error(f"{args.reference}: vocabulary {reference.config.vocab_size} differs from the model's")
+    result = evaluate(model, ids, args.context, reference)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['tokens']} tokens in windows of {result['context']}: perplexity {result['perplexity']:.4f}")
+    if reference is not None:
+        print(
+            f"reference perplexity {result['reference_perplexity']:.4f}; mean KL(reference || model) "
+            f"{result['mean_kl']:.5f} nats; top-1 agreement {100 * result['top1_agreement']:.2f} %"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok1", description="Run xAI's Grok-1 anywhere.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
     g.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    g.add_argument("--exact", action="store_true",
+                   help="bfloat16 with the official arithmetic instead of the fast kernels (float32 always is exact)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens even after EOS")
     g.add_argument("--add-bos", action="store_true", help="prepend BOS (the official runner does not)")
@@ -290,6 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("perplexity", help="perplexity over a text, optionally against a reference model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--text-file", required=True)
+    p.add_argument("--reference", help="reference model (e.g. the same path, run with --reference-dtype float32)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--context", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--exact", action="store_true", help="fidelity arithmetic in bfloat16")
+    p.add_argument("--reference-dtype", choices=["bfloat16", "float32"], default="float32")
+    p.add_argument("--reference-exact", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_perplexity)
 
     d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
     d.add_argument("--dir", default="demo-model")

@@ -57,15 +57,20 @@ def load(
     device: str | torch.device | None = None,
     progress: bool = False,
     verify: bool = False,
+    exact: bool = False,
 ) -> Grok1:
     """Loads a model directory: native (memory-mapped safetensors, see `grok1 convert`) or the
     release layout (`ckpt-0/`, optional `config.json`).
 
     Returns a `Grok1` module in eval mode whose call on int64 ids [B, T] gives float32 logits
     [B, T, vocab]. `dtype` is the activation dtype (bfloat16 by default, as the official code;
-    float32 reproduces the official float32 path). Quantised weights stay quantised and are
-    dequantised inside each matmul. A native model is mapped, not read: no weight bytes are touched
-    until a layer uses them, unless `verify=True`, which first checks every tensor's checksum.
+    float32 reproduces the official float32 path). Quantised weights stay quantised. A native model
+    is mapped, not read: no weight bytes are touched until a layer uses them, unless `verify=True`,
+    which first checks every tensor's checksum.
+
+    Arithmetic: float32 always runs the fidelity path (the official code's: weights bf16(q*s),
+    dequantised inside each matmul). bfloat16 runs the fast path (weight-only int8/int4 kernels that
+    apply the scales after accumulating) unless `exact=True`, which keeps the fidelity path.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -83,6 +88,7 @@ def load(
                 f"{path}: neither a native model ({native.INDEX_FILE}) nor the release layout ({xai.CHECKPOINT_SUBDIR}/)"
             )
         model = _load_release(path, act, target, progress=progress)
+    model.use_fast_kernels(act == torch.bfloat16 and not exact)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model

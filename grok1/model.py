@@ -87,8 +87,11 @@ class RMSNorm(nn.Module):
         return (self.scale.float() * normed).to(x.dtype)
 
 
-def project(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    """`x @ W` with the bf16-dequantised weight cast to the activation dtype (official `Linear`)."""
+def project(x: torch.Tensor, w: Int8Weight, fast: bool = False) -> torch.Tensor:
+    """`x @ W`. Fidelity path: the bf16-dequantised weight cast to the activation dtype (official
+    `Linear`). Fast path: the weight type's own kernel (scales applied after accumulation)."""
+    if fast:
+        return w.linear(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
     return x @ w.dequantize().to(x.dtype)
 
 
@@ -142,6 +145,7 @@ class Attention(nn.Module):
     def __init__(self, config: Grok1Config) -> None:
         super().__init__()
         self.config = config
+        self.fast = False  # weight-only kernels instead of the official dequantise-then-matmul
         self.query: Int8Weight | None = None
         self.key: Int8Weight | None = None
         self.value: Int8Weight | None = None
@@ -156,9 +160,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         b, t, _ = x.shape
-        q = project(x, self.query).view(b, t, cfg.num_q_heads, cfg.key_size)
-        k = project(x, self.key).view(b, t, cfg.num_kv_heads, cfg.key_size)
-        v = project(x, self.value).view(b, t, cfg.num_kv_heads, cfg.value_size)
+        q = project(x, self.query, self.fast).view(b, t, cfg.num_q_heads, cfg.key_size)
+        k = project(x, self.key, self.fast).view(b, t, cfg.num_kv_heads, cfg.key_size)
+        v = project(x, self.value, self.fast).view(b, t, cfg.num_kv_heads, cfg.value_size)
         q = rotary(q, positions, cfg.rope_base)
         k = rotary(k, positions, cfg.rope_base)
         if kv_cache is None:
@@ -171,7 +175,7 @@ class Attention(nn.Module):
             span = mask.shape[-1]
             keys, values = cache_k[:, :, :span], cache_v[:, :, :span]
         attended = attend(q, keys.to(x.dtype), values.to(x.dtype), mask, cfg)
-        return project(attended, self.linear)
+        return project(attended, self.linear, self.fast)
 
 
 def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
@@ -188,6 +192,7 @@ class MoE(nn.Module):
     def __init__(self, config: Grok1Config) -> None:
         super().__init__()
         self.config = config
+        self.fast = False
         self.router: torch.Tensor | None = None  # [D, E] float32
         self.linear: Int8Weight | None = None  # [E, D, F] gate projection (through GELU)
         self.linear_v: Int8Weight | None = None  # [E, D, F] up projection
@@ -204,6 +209,13 @@ class MoE(nn.Module):
     def expert_ffn(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """§6.2/6.4: up/gate projections in act, the rest in float32; returns float32."""
         act = x.dtype
+        if self.fast:
+            # Weight-only kernels take activations in act, so the GeGLU product is rounded to act
+            # before the down projection (the fidelity path keeps it in float32).
+            gate_proj = self.linear.linear(x, expert).float()
+            up_proj = self.linear_v.linear(x, expert).float()
+            hidden = (up_proj * gelu_tanh(gate_proj)).to(act)
+            return self.linear_1.linear(hidden, expert).float()
         gate_proj = (x @ self.linear.dequantize(expert).to(act)).float()
         up_proj = (x @ self.linear_v.dequantize(expert).to(act)).float()
         hidden = up_proj * gelu_tanh(gate_proj)
@@ -339,6 +351,17 @@ class Grok1(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embeddings.device
+
+    @property
+    def fast(self) -> bool:
+        return self.layers[0].attn.fast if len(self.layers) else False
+
+    def use_fast_kernels(self, enabled: bool = True) -> Grok1:
+        """Fast path (weight-only kernels) or fidelity path (the official arithmetic)."""
+        for layer in self.layers:
+            layer.attn.fast = enabled
+            layer.moe.fast = enabled
+        return self
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(

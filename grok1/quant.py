@@ -81,6 +81,21 @@ class Int8Weight(nn.Module):
         w = q.to(torch.bfloat16) * s.unsqueeze(-1)  # [.., g, out, in/g], one bf16 rounding
         return w.transpose(-1, -2).reshape(*lead, g * kb, n)
 
+    def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """Fast path: `x @ W` ([M, in] -> [M, out], x's dtype) with a weight-only int8 kernel that applies
+        the scales after accumulation (not the official bf16(q*s) rounding). Blocks are summed in
+        float32 and rounded once."""
+        q = self.qweight if expert is None else self.qweight[expert]
+        s = self.scales if expert is None else self.scales[expert]
+        g, _, kb = q.shape
+        if g == 1:
+            return int8_matmul(x.contiguous(), q[0], s[0])
+        total = None
+        for b in range(g):
+            part = int8_matmul(x[:, b * kb : (b + 1) * kb].contiguous(), q[b], s[b]).float()
+            total = part if total is None else total + part
+        return total.to(x.dtype)
+
     def extra_repr(self) -> str:
         return f"int8 {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)} bf16"
 
@@ -101,6 +116,7 @@ class Int4Weight(nn.Module):
             raise ValueError(f"packed int4 {tuple(packed.shape)} and scales {tuple(scales.shape)} do not match")
         self.register_buffer("packed", packed, persistent=True)
         self.register_buffer("scales", scales, persistent=True)
+        self._kernel_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def in_features(self) -> int:
@@ -123,6 +139,21 @@ class Int4Weight(nn.Module):
         q = self.values(expert)
         w = q.view(*q.shape[:-1], -1, INT4_GROUP).float() * s.float().unsqueeze(-1)
         return w.to(torch.bfloat16).reshape(q.shape).transpose(-1, -2)
+
+    def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """Fast path through PyTorch's int4 weight-only kernel (packed for it on first use)."""
+        kernel = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not kernel:
+            return x @ self.dequantize(expert).to(x.dtype)
+        key = -1 if expert is None else expert
+        if key not in self._kernel_cache:
+            q = self.values(expert).to(torch.int32) + 8  # [out, in], 0..15
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+            s = self.scales if expert is None else self.scales[expert]  # [out, groups]
+            scale_and_zero = torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).contiguous()
+            self._kernel_cache[key] = (packed, scale_and_zero)
+        packed, scale_and_zero = self._kernel_cache[key]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, INT4_GROUP, scale_and_zero)
 
     def extra_repr(self) -> str:
         return f"int4 {tuple(self.packed.shape)}, scales {tuple(self.scales.shape)} bf16"
@@ -149,8 +180,27 @@ class BF16Weight(nn.Module):
         w = self.weight if expert is None else self.weight[expert]
         return w.transpose(-1, -2)
 
+    def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        w = self.weight if expert is None else self.weight[expert]
+        return torch.nn.functional.linear(x, w.to(x.dtype))
+
 
 QuantizedWeight = Int8Weight | Int4Weight | BF16Weight
+
+_INT8_KERNEL_FAILED: set[str] = set()
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (q [N, K] int8 * scales [N])^T with PyTorch's weight-only int8 kernel where the
+    device has one, else a plain fallback (which converts q to x's dtype for the call)."""
+    device = x.device.type
+    # The CPU kernel silently computes garbage (or crashes) unless the input size is a multiple of 16.
+    if x.shape[-1] % 16 == 0 and device not in _INT8_KERNEL_FAILED and hasattr(torch, "_weight_int8pack_mm"):
+        try:
+            return torch._weight_int8pack_mm(x, q, scales.to(x.dtype))
+        except (RuntimeError, NotImplementedError):
+            _INT8_KERNEL_FAILED.add(device)
+    return (x @ q.to(x.dtype).t()) * scales.to(x.dtype)
 
 
 def quantize_int8(w: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

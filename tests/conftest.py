@@ -46,7 +46,7 @@ def official_f32():
 def official_bf16():
     import grok1
 
-    return grok1.load(FIXTURE, dtype="bfloat16", device="cpu")
+    return grok1.load(FIXTURE, dtype="bfloat16", device="cpu", exact=True)
 
 
 def relative_error(ours: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
