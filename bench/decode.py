@@ -1,0 +1,119 @@
+"""Prefill and decode speed on the `mid` preset against the memory-bandwidth roofline (and against
+llama.cpp on the same weights when llama-cpp-python and the GGUF exporter are available).
+
+    python bench/decode.py [--workdir /tmp/grok1-bench] [--threads 2] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import save, table  # noqa: E402
+
+import grok1  # noqa: E402
+from grok1.config import PRESETS  # noqa: E402
+from grok1.convert import convert_to_native  # noqa: E402
+from grok1.generate import GenerationStats, SamplingParams, stream_batch  # noqa: E402
+from grok1.synth import write_release  # noqa: E402
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Best of several reads of a buffer far larger than the caches (GB/s)."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(b.numel() * b.element_size() for b in value.buffers())
+
+
+def active_bytes(model) -> int:
+    """Weight bytes one decoded token reads: attention, router, norms, the chosen experts' share of
+    each expert stack, and the output head (the bf16 embedding table) — as stored."""
+    cfg = model.config
+    total = 0
+    for path, value in model.named_official_weights():
+        if path.endswith("in_out_embed/embeddings"):
+            total += tensor_bytes(value)
+        elif "/moe/linear" in path:
+            total += tensor_bytes(value) * cfg.num_selected_experts // cfg.num_experts
+        else:
+            total += tensor_bytes(value)
+    return total
+
+
+def run_grok1(path: str, prompt: list[int], new_tokens: int, profile: bool) -> dict:
+    model = grok1.load(path)
+    greedy = SamplingParams(temperature=0)
+    list(stream_batch(model, [prompt[:16]], max_new_tokens=4, sampling=greedy, ignore_eos=True))  # warm-up
+    stats = GenerationStats()
+    tokens = [t for _, t in stream_batch(model, [prompt], max_new_tokens=new_tokens, sampling=greedy,
+                                         ignore_eos=True, stats=stats)]
+    result = {"prefill_tok_s": stats.prefill_tokens_per_s, "decode_tok_s": stats.decode_tokens_per_s,
+              "active_bytes": active_bytes(model), "tokens": tokens}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            list(stream_batch(model, [prompt[:8]], max_new_tokens=9, sampling=greedy, ignore_eos=True))
+        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default="/tmp/grok1-bench")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = PRESETS["mid"]
+    release = os.path.join(args.workdir, "mid-release")
+    if not os.path.isfile(os.path.join(release, "config.json")):
+        write_release(release, config, seed=0, force=True)
+    paths = {}
+    for quant in ("int8", "int4"):
+        paths[quant] = os.path.join(args.workdir, f"mid-{quant}")
+        if not os.path.isfile(os.path.join(paths[quant], "config.json")):
+            convert_to_native(release, paths[quant], quant=quant, force=True, progress=False)
+    bandwidth = read_bandwidth(args.threads)
+    prompt = torch.randint(3, config.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    results: dict = {"threads": args.threads, "read_bandwidth_gb_s": bandwidth, "config": "mid"}
+    rows = [("machine read bandwidth", f"{bandwidth:.1f} GB/s (best of 5 reads of 1 GiB, {args.threads} threads)")]
+    for quant, path in paths.items():
+        r = run_grok1(path, prompt, args.new_tokens, args.profile)
+        roofline = bandwidth * 1e9 / r["active_bytes"]
+        r["roofline_tok_s"] = roofline
+        r["roofline_fraction"] = r["decode_tok_s"] / roofline
+        results[f"grok1_{quant}"] = {k: v for k, v in r.items() if k != "profile"}
+        rows += [
+            (f"grok1 {quant}: active bytes per token", f"{r['active_bytes'] / 1e6:.1f} MB (bf16 output head included)"),
+            (f"grok1 {quant}: prefill ({args.prompt_tokens} tokens)", f"{r['prefill_tok_s']:.1f} tok/s"),
+            (f"grok1 {quant}: decode ({args.new_tokens} tokens)", f"{r['decode_tok_s']:.1f} tok/s = "
+             f"{100 * r['roofline_fraction']:.0f} % of the roofline ({roofline:.1f} tok/s)"),
+        ]
+        if args.profile:
+            print(f"profile of decode steps, {quant}:\n{r['profile']}")
+    print(table(rows, f"decode on the mid preset, {args.threads} threads"))
+    print(f"wrote {save('decode', results)}")
+
+
+if __name__ == "__main__":
+    main()
