@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .config import GROK1, Grok1Config
@@ -50,6 +52,29 @@ def read_config(path: str | os.PathLike[str]) -> Grok1Config:
     return GROK1
 
 
+Weight = torch.Tensor | nn.Module  # a plain tensor, or a quantised one with `dequantize(expert=None)`
+
+
+def read_weights(path: str | os.PathLike[str]) -> tuple[Grok1Config, Iterator[tuple[str, Weight]], int]:
+    """A model's config and a one-pass iterator over its (official parameter path, weight) pairs,
+    with their number: from a release directory, or from a GGUF file (`*.gguf`)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".gguf"):
+        from .formats.gguf import GGUFModel
+
+        source = GGUFModel(path)
+        return source.config, source.weights(), source.num_tensors
+    if not os.path.exists(path):
+        raise Grok1Error(f"{path}: no such model directory")
+    if not os.path.isdir(path):
+        raise Grok1Error(f"{path}: not a model directory")
+    config = read_config(path)
+    if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
+        raise CheckpointError(f"{path}: no {xai.CHECKPOINT_SUBDIR}/ directory; not a model in the release layout")
+    items = ((item.spec.path, item.value) for item in xai.iter_release(path, config))
+    return config, items, len(xai.release_order(config))
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -57,34 +82,27 @@ def load(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> Grok1:
-    """Loads a model directory in the release layout (`ckpt-0/`, optional `config.json`).
+    """Loads a model directory in the release layout (`ckpt-0/`, optional `config.json`), or a GGUF
+    file of llama.cpp's `grok` architecture (`*.gguf`, or the first part of a split set).
 
     Returns a `Grok1` module in eval mode whose call on int64 ids [B, T] gives float32 logits
     [B, T, vocab]. `dtype` is the activation dtype (bfloat16 by default, as the official code;
-    float32 reproduces the official float32 path). Int8 weights stay int8 and are dequantised
-    inside each matmul.
+    float32 reproduces the official float32 path). Quantised weights (the release's int8, GGUF's
+    types) stay quantised and are dequantised inside each matmul.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise Grok1Error(f"{path}: no such model directory")
-    if not os.path.isdir(path):
-        raise Grok1Error(f"{path}: not a model directory")
     act = resolve_dtype(dtype)
     target = resolve_device(device)
-    config = read_config(path)
-    if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
-        raise CheckpointError(f"{path}: no {xai.CHECKPOINT_SUBDIR}/ directory; not a model in the release layout")
     started = time.perf_counter()
+    config, items, total = read_weights(path)
     model = Grok1(config, activation_dtype=act)
-    total = len(xai.release_order(config))
     with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
-        for item in xai.iter_release(path, config):
-            value = item.value
-            if item.spec.path.endswith("in_out_embed/embeddings") and act == torch.bfloat16:
+        for param_path, value in items:
+            if param_path.endswith("in_out_embed/embeddings") and act == torch.bfloat16:
                 # The official code casts the table to the activation dtype before each use; doing it
                 # once here is exact and halves its memory.
                 value = value.to(torch.bfloat16)
-            model.set_weight(item.spec.path, value.to(target) if target.type != "cpu" else value)
+            model.set_weight(param_path, value.to(target) if target.type != "cpu" else value)
             bar.update(1)
     model.eval()
     model.load_seconds = time.perf_counter() - started
