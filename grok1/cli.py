@@ -189,12 +189,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    fmt = args.format or ("gguf" if args.dst.lower().endswith(".gguf") else None)
+    if fmt is None:
+        raise Grok1Error(f"{args.dst}: cannot tell the output format from the name; pass --format gguf or --format native")
+    if fmt == "native":
+        raise Grok1Error("--format native is not yet supported; use --format gguf (a .gguf destination)")
+    from .formats import gguf
+    from .loader import read_weights
+
+    split = gguf.parse_size(args.split_max_size) if args.split_max_size else None
+    tokenizer = args.tokenizer
+    if tokenizer is None and os.path.isfile(os.path.join(args.src, "tokenizer.model")):
+        tokenizer = os.path.join(args.src, "tokenizer.model")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise Grok1Error(f"{tokenizer}: no such tokenizer file")
+    config, weights, _ = read_weights(args.src)
+    plan = gguf.write_gguf(
+        weights, config, args.dst, quant=args.quant, tokenizer=tokenizer, split_max_size=split, force=args.force,
+        progress=not args.quiet,
+    )
+    size = sum(os.path.getsize(f) for f in plan.files)
+    print(f"wrote {', '.join(plan.files)}: {len(plan.tensors)} tensors, {args.quant}, {size / 1e6:.1f} MB")
+    if plan.fallbacks:
+        names = ", ".join(t.name for t in plan.fallbacks)
+        print(f"  as F16, their rows not being whole {args.quant} blocks: {names}")
+    if tokenizer is None:
+        print("  no tokenizer.model (pass --tokenizer): the file holds a placeholder vocabulary, ids only")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok1", description="Run xAI's Grok-1 anywhere.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text or token ids from a prompt")
-    g.add_argument("--model", required=True, help="model directory (release layout: ckpt-0/, optional config.json)")
+    g.add_argument("--model", required=True,
+                   help="model directory (release layout: ckpt-0/, optional config.json) or GGUF file (grok architecture)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--token-ids", help="prompt as comma-separated token ids")
@@ -229,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="tokenizer.model to copy into the model directory")
     s.add_argument("--force", action="store_true", help="replace an existing destination")
     s.set_defaults(func=cmd_synth)
+
+    c = sub.add_parser("convert", help="convert a model to another format (GGUF for llama.cpp)")
+    c.add_argument("src", help="model directory (release layout) or GGUF file")
+    c.add_argument("dst", help="output file (name.gguf; split parts become name-00001-of-0000N.gguf)")
+    c.add_argument("--format", choices=["gguf", "native"], help="output format (default: gguf for a .gguf DST)")
+    c.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default="bf16",
+                   help="GGUF type of the matrices (norms and router stay f32); bf16 holds the release's int8 matrices exactly")
+    c.add_argument("--split-max-size", help="split into parts of at most this much tensor data (e.g. 500M, 2G)")
+    c.add_argument("--tokenizer", help="tokenizer.model to embed (default: SRC/tokenizer.model)")
+    c.add_argument("--force", action="store_true", help="replace existing output files")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
     d.add_argument("--dir", default="demo-model")
