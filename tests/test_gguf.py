@@ -314,12 +314,15 @@ def test_q8_0_round_trip(q8_file, reference, prompts):
     for path, original in reference.named_official_weights():
         if path.endswith("/w") and "router" not in path:
             assert relative_error(weights[path].dequantize(), original.dequantize().float()) < 0.01, path
-    kls, top1 = [], []
+    kls, top1, flips = [], [], []
     for prompt in prompts:
-        got, expected = grok1_logits(model, prompt), grok1_logits(reference, prompt)
+        with grok1_routing(model) as ours, grok1_routing(reference) as theirs:
+            got, expected = grok1_logits(model, prompt), grok1_logits(reference, prompt)
         kls.append(kl_divergence(expected, got))
         top1.append(float((got.argmax(-1) == expected.argmax(-1)).float().mean()))
-    print(f"q8_0 round trip: mean KL {np.mean(kls):.4f} ({[round(k, 4) for k in kls]}), top-1 {[round(t, 3) for t in top1]}")
+        flips.append(routing_differences(ours, theirs))
+    print(f"q8_0 round trip: mean KL {np.mean(kls):.4f} ({[round(k, 4) for k in kls]}), top-1 {[round(t, 3) for t in top1]}, "
+          f"routing differs per layer {flips}")
     assert np.mean(kls) < 0.2 and np.mean(top1) > 0.6
 
 

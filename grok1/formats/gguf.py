@@ -376,8 +376,8 @@ class GGUFPlan:
 
     @property
     def fallbacks(self) -> list[PlannedTensor]:
-        target = EXPORT_TYPES[self.quant][0]
-        return [t for t in self.tensors.values() if t.qtype == FALLBACK_TYPE and t.qtype != target and len(t.shape) > 1]
+        """Matrices written as F16 because their rows are not whole blocks of the target type."""
+        return [t for t in self.tensors.values() if t.qtype not in (EXPORT_TYPES[self.quant][0], QT.F32)]
 
     @property
     def data_bytes(self) -> int:
