@@ -303,6 +303,13 @@ def test_f32_round_trip_is_bit_identical(f32_file, reference, prompts):
     assert isinstance(model.layers[0].moe.linear, G.GGUFWeight)
 
 
+def test_cli_generates_from_gguf(f32_file, reference, prompts):
+    ids = ",".join(map(str, prompts[0]))
+    out = json.loads(run_cli("generate", "--model", str(f32_file), "--token-ids", ids, "--max-new-tokens", "8",
+                             "--temperature", "0", "--dtype", "float32", "--ignore-eos", "--json", "--device", "cpu").stdout)
+    assert out["token_ids"] == grok1.generate(reference, prompts[0], max_new_tokens=8, temperature=0, ignore_eos=True)
+
+
 def test_f32_round_trip_bfloat16_path(f32_file, release, prompts):
     ours, theirs = grok1.load(f32_file, device="cpu"), grok1.load(release, device="cpu")
     assert torch.equal(grok1_logits(ours, prompts[1]), grok1_logits(theirs, prompts[1]))

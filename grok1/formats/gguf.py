@@ -675,32 +675,31 @@ class _FileTensor:
 
 
 class _Reader(GGUFReader):
-    """GGUFReader that names the tensor a truncated file cuts off (the stock reader fails in reshape)."""
+    """GGUFReader that names the tensor at fault: one cut off by a truncated file (the stock reader
+    fails in a reshape) or one of a type id no GGML version defines."""
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
-        size = len(self.data)
         for f in fields:
             _, name, _, dims, raw_type, offset = f.parts
+            name = bytes(name).decode("utf-8", "replace")
             try:
                 qtype = GGMLQuantizationType(int(raw_type[0]))
             except ValueError:
-                raise _UnknownType(bytes(name).decode("utf-8", "replace"), int(raw_type[0])) from None
+                raise _BadTensor(
+                    f"tensor {name} has type id {int(raw_type[0])}, no GGML type grok1 knows; supported: {_supported()}"
+                ) from None
             end = start_offs + int(offset[0]) + tensor_nbytes(tuple(int(d) for d in dims), qtype)
-            if end > size:
-                raise _Truncated(bytes(name).decode("utf-8", "replace"), end, size)
+            if end > len(self.data):
+                raise _BadTensor(f"truncated: tensor {name} ends at byte {end} but the file has {len(self.data)} bytes")
         super()._build_tensors(start_offs, fields)
 
 
-class _UnknownType(Exception):
-    def __init__(self, name: str, type_id: int) -> None:
-        super().__init__(name, type_id)
-        self.name, self.type_id = name, type_id
+class _BadTensor(Exception):
+    pass
 
 
-class _Truncated(Exception):
-    def __init__(self, name: str, end: int, size: int) -> None:
-        super().__init__(name, end, size)
-        self.name, self.end, self.size = name, end, size
+def _supported() -> str:
+    return ", ".join(q.name for q in SUPPORTED_TYPES)
 
 
 def _open(path: str) -> GGUFReader:
@@ -715,15 +714,8 @@ def _open(path: str) -> GGUFReader:
         raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, not b'GGUF')")
     try:
         return _Reader(path, "r")
-    except _UnknownType as exc:
-        raise CheckpointError(
-            f"{path}: tensor {exc.name} has type id {exc.type_id}, which is no GGML type grok1 knows; "
-            f"supported: {', '.join(q.name for q in SUPPORTED_TYPES)}"
-        ) from None
-    except _Truncated as exc:
-        raise CheckpointError(
-            f"{path}: truncated: tensor {exc.name} ends at byte {exc.end} but the file has {exc.size} bytes"
-        ) from None
+    except _BadTensor as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError, OverflowError) as exc:
         size = os.path.getsize(path)
         raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {type(exc).__name__}: {exc})") from None
@@ -886,8 +878,9 @@ class GGUFModel:
                     "from the metadata"
                 )
             if t.qtype not in SUPPORTED_TYPES:
-                raise CheckpointError(f"{t.file}: tensor {name} has type {t.qtype.name}, which grok1 cannot read; "
-                                      f"supported: {', '.join(q.name for q in SUPPORTED_TYPES)}")
+                raise CheckpointError(
+                    f"{t.file}: tensor {name} has type {t.qtype.name}, which grok1 cannot read; supported: {_supported()}"
+                )
         extra = sorted(set(self.tensors) - set(expected))
         if extra:
             reasons = {n: UNSUPPORTED_TENSORS.get(n.split(".", 2)[-1] if n.startswith("blk.") else n) for n in extra}
