@@ -206,12 +206,14 @@ def parse_size(text: str) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    fmt = args.format or ("gguf" if args.dst.endswith(".gguf") else "native")
+    fmt = args.format or ("gguf" if args.dst.lower().endswith(".gguf") else "native")
     if fmt == "gguf":
-        raise Grok1Error("GGUF export is not available in this build")
+        return convert_gguf(args)
     from .convert import convert_to_native
 
     quant = args.quant or "int8"
+    if args.split_max_size:
+        raise Grok1Error("--split-max-size is for GGUF output; native shards are sized with --shard-size")
     shard_bytes = parse_size(args.shard_size)
     figures = convert_to_native(args.src, args.dst, quant=quant, tokenizer=args.tokenizer, force=args.force,
                                 shard_bytes=shard_bytes, progress=not args.quiet)
@@ -264,6 +266,33 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             f"reference perplexity {result['reference_perplexity']:.4f}; mean KL(reference || model) "
             f"{result['mean_kl']:.5f} nats; top-1 agreement {100 * result['top1_agreement']:.2f} %"
         )
+
+
+def convert_gguf(args: argparse.Namespace) -> int:
+    from .formats import gguf
+    from .loader import read_weights
+
+    args.quant = args.quant or "bf16"
+    if args.quant not in gguf.EXPORT_TYPES:
+        raise Grok1Error(f"unknown GGUF type {args.quant!r}; choose one of {', '.join(gguf.EXPORT_TYPES)}")
+    split = gguf.parse_size(args.split_max_size) if args.split_max_size else None
+    tokenizer = args.tokenizer
+    if tokenizer is None and os.path.isfile(os.path.join(args.src, "tokenizer.model")):
+        tokenizer = os.path.join(args.src, "tokenizer.model")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise Grok1Error(f"{tokenizer}: no such tokenizer file")
+    config, weights, _ = read_weights(args.src)
+    plan = gguf.write_gguf(
+        weights, config, args.dst, quant=args.quant, tokenizer=tokenizer, split_max_size=split, force=args.force,
+        progress=not args.quiet,
+    )
+    size = sum(os.path.getsize(f) for f in plan.files)
+    print(f"wrote {', '.join(plan.files)}: {len(plan.tensors)} tensors, {args.quant}, {size / 1e6:.1f} MB")
+    if plan.fallbacks:
+        names = ", ".join(t.name for t in plan.fallbacks)
+        print(f"  as F16, their rows not being whole {args.quant} blocks: {names}")
+    if tokenizer is None:
+        print("  no tokenizer.model (pass --tokenizer): the file holds a placeholder vocabulary, ids only")
     return 0
 
 
@@ -272,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text or token ids from a prompt")
-    g.add_argument("--model", required=True, help="model directory (release layout: ckpt-0/, optional config.json)")
+    g.add_argument("--model", required=True,
+                   help="model directory (release layout: ckpt-0/, optional config.json) or GGUF file (grok architecture)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--token-ids", help="prompt as comma-separated token ids")
@@ -310,11 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing destination")
     s.set_defaults(func=cmd_synth)
 
-    c = sub.add_parser("convert", help="convert a release (or native) model to the native format")
-    c.add_argument("src", help="release directory (ckpt-0/) or native directory")
-    c.add_argument("dst", help="output directory (native) or .gguf file")
+    c = sub.add_parser("convert", help="convert a model to the native format or to GGUF (for llama.cpp)")
+    c.add_argument("src", help="release directory (ckpt-0/), native directory, or GGUF file (gguf output)")
+    c.add_argument("dst", help="output directory (native) or .gguf file (split parts become name-00001-of-0000N.gguf)")
     c.add_argument("--format", choices=["native", "gguf"], help="default: gguf for a .gguf DST, else native")
-    c.add_argument("--quant", help="native: int8 (the release's own values, default), int4, bf16")
+    c.add_argument("--quant", help="native: int8 (the release's own values; default), int4, bf16. "
+                   "gguf: f32, f16, bf16 (default; holds the release's int8 matrices exactly), q8_0, q4_0")
+    c.add_argument("--split-max-size", help="gguf: split into parts of at most this much tensor data (e.g. 500M, 2G)")
     c.add_argument("--tokenizer", help="tokenizer.model to include (default: found in or beside SRC)")
     c.add_argument("--shard-size", default="4GB", help="largest shard (native), e.g. 4GB")
     c.add_argument("--force", action="store_true", help="replace an existing DST")

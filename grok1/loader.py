@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .config import GROK1, Grok1Config
@@ -50,6 +52,38 @@ def read_config(path: str | os.PathLike[str]) -> Grok1Config:
     return GROK1
 
 
+Weight = torch.Tensor | nn.Module  # a plain tensor, or a quantised one with `dequantize(expert=None)`
+
+
+def read_weights(path: str | os.PathLike[str]) -> tuple[Grok1Config, Iterator[tuple[str, Weight]], int]:
+    """A model's config and a one-pass iterator over its (official parameter path, weight) pairs,
+    with their number: from a release or native directory, or from a GGUF file (`*.gguf`)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".gguf"):
+        from .formats.gguf import GGUFModel
+
+        source = GGUFModel(path)
+        return source.config, source.weights(), source.num_tensors
+    if not os.path.exists(path):
+        raise Grok1Error(f"{path}: no such model directory")
+    if not os.path.isdir(path):
+        raise Grok1Error(f"{path}: not a model directory")
+    config = read_config(path)
+    specs = parameter_specs(config)
+    if native.is_native(path):
+        ckpt = native.NativeCheckpoint(path)
+        problems = ckpt.check_layout(config)
+        if problems:
+            raise CheckpointError(f"{path}: " + "; ".join(problems))
+        return config, ((spec.path, ckpt.weight(spec)) for spec in specs.values()), len(specs)
+    if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
+        raise CheckpointError(
+            f"{path}: neither a native model ({native.INDEX_FILE}) nor the release layout ({xai.CHECKPOINT_SUBDIR}/)"
+        )
+    items = ((item.spec.path, item.value) for item in xai.iter_release(path, config))
+    return config, items, len(specs)
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -59,8 +93,9 @@ def load(
     verify: bool = False,
     exact: bool = False,
 ) -> Grok1:
-    """Loads a model directory: native (memory-mapped safetensors, see `grok1 convert`) or the
-    release layout (`ckpt-0/`, optional `config.json`).
+    """Loads a model: a native directory (memory-mapped safetensors, see `grok1 convert`), a directory
+    in the release layout (`ckpt-0/`, optional `config.json`), or a GGUF file of llama.cpp's `grok`
+    architecture (`*.gguf`, or the first part of a split set).
 
     Returns a `Grok1` module in eval mode whose call on int64 ids [B, T] gives float32 logits
     [B, T, vocab]. `dtype` is the activation dtype (bfloat16 by default, as the official code;
@@ -73,43 +108,36 @@ def load(
     apply the scales after accumulating) unless `exact=True`, which keeps the fidelity path.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise Grok1Error(f"{path}: no such model directory")
-    if not os.path.isdir(path):
-        raise Grok1Error(f"{path}: not a model directory")
     act = resolve_dtype(dtype)
     target = resolve_device(device)
     started = time.perf_counter()
-    if native.is_native(path):
+    if os.path.isdir(path) and native.is_native(path):
         model = _load_native(path, act, target, verify=verify, progress=progress)
     else:
-        if not os.path.isdir(os.path.join(path, xai.CHECKPOINT_SUBDIR)):
-            raise CheckpointError(
-                f"{path}: neither a native model ({native.INDEX_FILE}) nor the release layout ({xai.CHECKPOINT_SUBDIR}/)"
-            )
-        model = _load_release(path, act, target, progress=progress)
+        config, items, total = read_weights(path)
+        model = _load_items(config, items, total, act, target, progress)
     model.use_fast_kernels(act == torch.bfloat16 and not exact)
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model
 
 
-def _place(model: Grok1, path: str, value, target: torch.device) -> None:
+def _place(model: Grok1, path: str, value: Weight, target: torch.device) -> None:
     model.set_weight(path, value.to(target) if target.type != "cpu" else value)
 
 
-def _load_release(path: str, act: torch.dtype, target: torch.device, progress: bool) -> Grok1:
-    config = read_config(path)
+def _load_items(
+    config: Grok1Config, items: Iterator[tuple[str, Weight]], total: int, act: torch.dtype, target: torch.device,
+    progress: bool,
+) -> Grok1:
     model = Grok1(config, activation_dtype=act)
-    total = len(xai.release_order(config))
     with tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False) as bar:
-        for item in xai.iter_release(path, config):
-            value = item.value
-            if item.spec.path == "language_model/in_out_embed/embeddings" and act == torch.bfloat16:
+        for param_path, value in items:
+            if param_path == "language_model/in_out_embed/embeddings" and act == torch.bfloat16:
                 # The official code casts the table to the activation dtype before each use; doing it
                 # once here is exact and halves its memory.
                 value = value.to(torch.bfloat16)
-            _place(model, item.spec.path, value, target)
+            _place(model, param_path, value, target)
             bar.update(1)
     return model
 

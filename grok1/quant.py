@@ -80,7 +80,9 @@ class Int8Weight(nn.Module):
         s = self.scales if expert is None else self.scales[expert]
         *lead, g, n, kb = q.shape
         w = q.to(torch.bfloat16) * s.unsqueeze(-1)  # [.., g, out, in/g], one bf16 rounding
-        return w.transpose(-1, -2).reshape(*lead, g * kb, n)
+        # Contiguous [in, out]: matmul results depend (in the last bits) on the operand's layout, and
+        # every weight type hands the fidelity path the same layout.
+        return w.transpose(-1, -2).reshape(*lead, g * kb, n).contiguous()
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """Fast path: `x @ W` ([M, in] -> [M, out], x's dtype) with a weight-only int8 kernel that applies
@@ -148,7 +150,7 @@ class Int4Weight(nn.Module):
         s = self.scales if expert is None else self.scales[expert]
         q = self.values(expert)
         w = q.view(*q.shape[:-1], -1, INT4_GROUP).float() * s.float().unsqueeze(-1)
-        return w.to(torch.bfloat16).reshape(q.shape).transpose(-1, -2)
+        return w.to(torch.bfloat16).reshape(q.shape).transpose(-1, -2).contiguous()
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """Fast path through PyTorch's int4 weight-only kernel (packed for it on first use)."""
@@ -188,7 +190,7 @@ class BF16Weight(nn.Module):
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         w = self.weight if expert is None else self.weight[expert]
-        return w.transpose(-1, -2)
+        return w.transpose(-1, -2).contiguous()
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         w = self.weight if expert is None else self.weight[expert]
