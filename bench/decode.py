@@ -75,6 +75,41 @@ def run_grok1(path: str, prompt: list[int], new_tokens: int, profile: bool) -> d
     return result
 
 
+def run_llama_cpp(gguf_path: str, prompt: list[int], new_tokens: int, threads: int) -> dict:
+    """The same prompt through llama.cpp: prefill, then greedy decode one token at a time."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(gguf_path, n_ctx=len(prompt) + new_tokens + 8, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    llm.eval(prompt[:16])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - start
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tokens = [token]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(token)
+    decode_s = time.perf_counter() - start
+    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": (new_tokens - 1) / decode_s, "tokens": tokens}
+
+
+def export_gguf(release: str, dst: str, quant: str) -> str | None:
+    try:
+        from grok1.formats.gguf import write_gguf
+        from grok1.loader import read_weights
+    except ImportError:
+        return None
+    if not os.path.isfile(dst):
+        config, items, _ = read_weights(release)
+        write_gguf(items, config, dst, quant=quant, force=True, progress=False)
+    return dst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default="/tmp/grok1-bench")
@@ -111,6 +146,27 @@ def main() -> None:
         ]
         if args.profile:
             print(f"profile of decode steps, {quant}:\n{r['profile']}")
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_llama = True
+    except ImportError:
+        have_llama = False
+        rows.append(("llama.cpp", "not installed (pip install -e '.[dev]' brings llama-cpp-python)"))
+    if have_llama:
+        for quant, gguf_type in (("int8", "q8_0"), ("int4", "q4_0")):
+            path = export_gguf(release, os.path.join(args.workdir, f"mid-{gguf_type}.gguf"), gguf_type)
+            if path is None:
+                continue
+            r = run_llama_cpp(path, prompt, args.new_tokens, args.threads)
+            ours = results[f"grok1_{quant}"]
+            results[f"llama_cpp_{gguf_type}"] = r
+            rows += [
+                (f"llama.cpp {gguf_type}: prefill", f"{r['prefill_tok_s']:.1f} tok/s; grok1 {quant} / llama.cpp = "
+                 f"{ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x"),
+                (f"llama.cpp {gguf_type}: decode", f"{r['decode_tok_s']:.1f} tok/s; grok1 {quant} / llama.cpp = "
+                 f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x"),
+            ]
     print(table(rows, f"decode on the mid preset, {args.threads} threads"))
     print(f"wrote {save('decode', results)}")
 

@@ -92,6 +92,7 @@ def load(
     progress: bool = False,
     verify: bool = False,
     exact: bool = False,
+    head: str = "bf16",
 ) -> Grok1:
     """Loads a model: a native directory (memory-mapped safetensors, see `grok1 convert`), a directory
     in the release layout (`ckpt-0/`, optional `config.json`), or a GGUF file of llama.cpp's `grok`
@@ -106,6 +107,7 @@ def load(
     Arithmetic: float32 always runs the fidelity path (the official code's: weights bf16(q*s),
     dequantised inside each matmul). bfloat16 runs the fast path (weight-only int8/int4 kernels that
     apply the scales after accumulating) unless `exact=True`, which keeps the fidelity path.
+    `head="int8"` makes the fast path compute the logits from an int8 copy of the embedding (lossy).
     """
     path = os.fspath(path)
     act = resolve_dtype(dtype)
@@ -117,6 +119,10 @@ def load(
         config, items, total = read_weights(path)
         model = _load_items(config, items, total, act, target, progress)
     model.use_fast_kernels(act == torch.bfloat16 and not exact)
+    if head not in ("bf16", "int8"):
+        raise Grok1Error(f"unknown head {head!r}; use bf16 or int8")
+    if head == "int8" and model.fast:
+        model.quantize_head()
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model

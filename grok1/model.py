@@ -95,16 +95,22 @@ def project(x: torch.Tensor, w: Int8Weight, fast: bool = False) -> torch.Tensor:
     return x @ w.dequantize().to(x.dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: int) -> torch.Tensor:
-    """§5.2 RoPE, half-split (rotate_half), over the whole head dim, in float32; x is [B, T, H, dk]."""
-    dk = x.shape[-1]
-    exponents = torch.arange(0, dk, 2, dtype=torch.float32, device=x.device)
+def rope_angles(positions: torch.Tensor, dk: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """§5.2: cos and sin of the RoPE angles [B, T, 1, dk] (float32), shared by q and k of every layer."""
+    exponents = torch.arange(0, dk, 2, dtype=torch.float32, device=positions.device)
     inv_freq = 1.0 / (base ** (exponents / dk))
     phase = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, dk/2]
     theta = torch.cat([phase, phase], dim=-1)[:, :, None, :]
+    return torch.cos(theta), torch.sin(theta)
+
+
+def rotary(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """§5.2 RoPE, half-split (rotate_half), over the whole head dim, in float32; x is [B, T, H, dk]."""
+    cos, sin = angles
+    dk = x.shape[-1]
     x32 = x.float()
     rotated_half = torch.cat([-x32[..., dk // 2 :], x32[..., : dk // 2]], dim=-1)
-    return (x32 * torch.cos(theta) + rotated_half * torch.sin(theta)).to(x.dtype)
+    return (x32 * cos + rotated_half * sin).to(x.dtype)
 
 
 def attend(
@@ -157,14 +163,15 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        angles: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.config
         b, t, _ = x.shape
         q = project(x, self.query, self.fast).view(b, t, cfg.num_q_heads, cfg.key_size)
         k = project(x, self.key, self.fast).view(b, t, cfg.num_kv_heads, cfg.key_size)
         v = project(x, self.value, self.fast).view(b, t, cfg.num_kv_heads, cfg.value_size)
-        q = rotary(q, positions, cfg.rope_base)
-        k = rotary(k, positions, cfg.rope_base)
+        q = rotary(q, angles)
+        k = rotary(k, angles)
         if kv_cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         else:
@@ -251,9 +258,10 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+        angles: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        h = h + self.rms_norm_1(self.attn(self.rms_norm(h), positions, mask, kv_cache))
+        h = h + self.rms_norm_1(self.attn(self.rms_norm(h), positions, mask, kv_cache, angles))
         # The MoE output is bf16, so its post-norm is bf16 too; in f32 mode the add promotes to f32.
         h = h + self.rms_norm_3(self.moe(self.rms_norm_2(h)))
         return h
@@ -290,6 +298,7 @@ class Grok1(nn.Module):
         self.config = config
         self.activation_dtype = activation_dtype
         self.embeddings: torch.Tensor | None = None  # [V, D], also the output projection
+        self.head: Int8Weight | None = None  # optional int8 copy of the table for the fast path's logits
         self.rms_norm = RMSNorm(config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
 
@@ -356,6 +365,15 @@ class Grok1(nn.Module):
     def fast(self) -> bool:
         return self.layers[0].attn.fast if len(self.layers) else False
 
+    def quantize_head(self) -> Grok1:
+        """Fast path only: compute the logits from an int8 copy of the tied embedding (per-row scales;
+        lossy, halves the head's bytes per token)."""
+        table = self.embeddings.float()
+        scales = (table.abs().amax(dim=1) / 127.0).clamp_min(1e-12).to(torch.bfloat16)
+        q = torch.clamp(torch.round(table / scales.float()[:, None]), -127, 127).to(torch.int8)
+        self.head = Int8Weight(q[None], scales[None])
+        return self
+
     def use_fast_kernels(self, enabled: bool = True) -> Grok1:
         """Fast path (weight-only kernels) or fidelity path (the official arithmetic)."""
         for layer in self.layers:
@@ -400,13 +418,17 @@ class Grok1(nn.Module):
             mask = cache.key_valid[:, None, :span] & (slots[None, None, :] <= positions[:, :, None])
 
         h = self.embeddings[tokens].to(act) * scalar(cfg.embedding_multiplier_scale, act, device)
+        angles = rope_angles(positions, cfg.key_size, cfg.rope_base)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, positions, mask, kv)
+            h = layer(h, positions, mask, kv, angles)
         if logits_index is not None:
             h = h[torch.arange(b, device=device), logits_index.to(device)][:, None, :]
         y = self.rms_norm(h)
-        logits = y @ self.embeddings.to(act).T
+        if self.head is not None and self.fast:
+            logits = self.head.linear(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
+        else:
+            logits = y @ self.embeddings.to(act).T
         logits = logits * scalar(cfg.output_multiplier_scale, act, device)
         return logits.float()
 

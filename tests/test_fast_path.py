@@ -70,3 +70,16 @@ def test_fast_path_on_the_official_fixture(fixture_cases, fixture_arrays):
     # path must be as close to the fidelity path as that, within a few positions.
     assert figures["top1_agreement"] >= official["top1_agreement"] - 0.03
     assert figures["mean_kl"] <= 1.5 * official["mean_kl"]
+
+
+def test_int8_head_is_close_and_only_on_the_fast_path(fixture_cases, fixture_arrays):
+    bf16_head = grok1.load(FIXTURE)
+    int8_head = grok1.load(FIXTURE, head="int8")
+    assert int8_head.head is not None and bf16_head.head is None
+    assert grok1.load(FIXTURE, dtype="float32", head="int8").head is None  # fidelity path: no lossy head
+    case = next(c for c in fixture_cases if c["name"] == "len64")
+    tokens = torch.from_numpy(fixture_arrays[case["tokens_key"]].astype(np.int64))
+    with torch.no_grad():
+        figures = compare_logits(bf16_head(tokens), int8_head(tokens))
+    print("int8 head vs bf16 head:", figures)
+    assert figures["relative_error"] < 0.02 and figures["top1_agreement"] >= 0.95
