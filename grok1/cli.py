@@ -52,7 +52,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise Grok1Error("--token-ids is empty")
 
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json, exact=args.exact)
+    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json, exact=args.exact,
+                 head=args.head)
     load_s = time.perf_counter() - started
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise Grok1Error(
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
     g.add_argument("--exact", action="store_true",
                    help="bfloat16 with the official arithmetic instead of the fast kernels (float32 always is exact)")
+    g.add_argument("--head", choices=["bf16", "int8"], default="bf16",
+                   help="fast path: logits from the bf16 embedding (exact) or an int8 copy (lossy, fewer bytes)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens even after EOS")
     g.add_argument("--add-bos", action="store_true", help="prepend BOS (the official runner does not)")
