@@ -14,6 +14,7 @@ from .config import GROK1, Grok1Config
 from .errors import CheckpointError, Grok1Error
 from .formats import native, xai
 from .model import Grok1, parameter_specs
+from .quant import Int4Weight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -123,6 +124,10 @@ def load(
         raise Grok1Error(f"unknown head {head!r}; use bf16 or int8")
     if head == "int8" and model.fast:
         model.quantize_head()
+    if model.fast:
+        for module in model.modules():
+            if isinstance(module, Int4Weight):
+                module.prepare()
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model

@@ -152,11 +152,11 @@ class Int4Weight(nn.Module):
         w = q.view(*q.shape[:-1], -1, INT4_GROUP).float() * s.float().unsqueeze(-1)
         return w.to(torch.bfloat16).reshape(q.shape).transpose(-1, -2).contiguous()
 
-    def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """Fast path through PyTorch's int4 weight-only kernel (packed for it on first use)."""
+    def _kernel_usable(self, x: torch.Tensor) -> bool:
         kernel = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not kernel:
-            return x @ self.dequantize(expert).to(x.dtype)
+        return kernel and x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+    def _packed_for_kernel(self, expert: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         key = -1 if expert is None else expert
         if key not in self._kernel_cache:
             q = self.values(expert).to(torch.int32) + 8  # [out, in], 0..15
@@ -164,7 +164,19 @@ class Int4Weight(nn.Module):
             s = self.scales if expert is None else self.scales[expert]  # [out, groups]
             scale_and_zero = torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).contiguous()
             self._kernel_cache[key] = (packed, scale_and_zero)
-        packed, scale_and_zero = self._kernel_cache[key]
+        return self._kernel_cache[key]
+
+    def prepare(self) -> None:
+        """Packs every expert for the CPU kernel now rather than on first use (load time, not decode)."""
+        if self.packed.device.type == "cpu" and self.out_features % 16 == 0:
+            for expert in range(self.packed.shape[0]) if self.packed.dim() == 4 else [None]:
+                self._packed_for_kernel(expert)
+
+    def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """Fast path through PyTorch's int4 weight-only kernel (packed for it at load time)."""
+        if not self._kernel_usable(x):
+            return x @ self.dequantize(expert).to(x.dtype)
+        packed, scale_and_zero = self._packed_for_kernel(expert)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, INT4_GROUP, scale_and_zero)
 
     def extra_repr(self) -> str:
