@@ -115,12 +115,18 @@ def _release_source(path: str) -> Source:
     return Source(config, path, fingerprint, groups)
 
 
+def _plain_metas(name: str, shape: tuple[int, ...]) -> list[TensorMeta]:
+    """A float32 tensor as released; the embedding also gets its exact bf16 copy."""
+    metas = [TensorMeta(name, torch.float32, shape)]
+    if name == EMBEDDING:
+        metas.append(TensorMeta(EMBEDDING_BF16, torch.bfloat16, shape))
+    return metas
+
+
 def _release_group(spec: ParamSpec, tensor: xai.ScannedTensor, quant: str) -> TensorGroup:
     name = native.base_name(spec)
     if not spec.quantised:
-        metas = [TensorMeta(name, torch.float32, spec.shape)]
-        if name == EMBEDDING:
-            metas.append(TensorMeta(EMBEDDING_BF16, torch.bfloat16, spec.shape))
+        metas = _plain_metas(name, spec.shape)
 
         def fill_plain(out: dict[str, torch.Tensor]) -> None:
             with mapped(tensor.array) as src:
@@ -195,9 +201,7 @@ def _native_source(path: str) -> Source:
 def _native_group(ckpt: native.NativeCheckpoint, spec: ParamSpec, quant: str) -> TensorGroup:
     name = native.base_name(spec)
     if not spec.quantised:
-        metas = [TensorMeta(name, torch.float32, spec.shape)]
-        if name == EMBEDDING:
-            metas.append(TensorMeta(EMBEDDING_BF16, torch.bfloat16, spec.shape))
+        metas = _plain_metas(name, spec.shape)
 
         def fill_plain(out: dict[str, torch.Tensor]) -> None:
             src = ckpt.tensor(name)

@@ -18,7 +18,6 @@ import os
 import pickle
 import pickletools
 import struct
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -157,42 +156,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent references are not part of the release format")
 
 
-def _to_tensor(record: Any, what: str) -> torch.Tensor:
-    if not isinstance(record, _ArrayRecord) or record.dtype is None:
-        raise pickle.UnpicklingError(f"{what} is not an array")
-    dtype = _DTYPES[record.dtype.name]
-    if dtype.itemsize > 1 and record.dtype.byteorder not in ("<", "=") or record.dtype.byteorder == ">":
-        raise pickle.UnpicklingError(f"{what} is not little-endian")
-    expected = math.prod(record.shape) * _ITEMSIZE[dtype]
-    if len(record.data) != expected:
-        raise pickle.UnpicklingError(
-            f"{what} holds {len(record.data)} bytes, shape {list(record.shape)} needs {expected}"
-        )
-    if expected == 0:
-        return torch.empty(record.shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # The payload is an immutable bytes object; the tensor shares it and is never written to.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(record.data, dtype=dtype).view(record.shape)
-
-
-def load_tensor_file(fh: BinaryIO) -> torch.Tensor | Int8Weight:
-    """One release file: a float32/bf16 array, or an int8 weight with bf16 scales."""
-    obj = RestrictedUnpickler(fh).load()
-    if isinstance(obj, _QuantizedWeightRecord):
-        weight = _to_tensor(obj.weight, "QuantizedWeight8bit.weight")
-        scales = _to_tensor(obj.scales, "QuantizedWeight8bit.scales")
-        if weight.dtype != torch.int8 or scales.dtype != torch.bfloat16:
-            raise pickle.UnpicklingError(
-                f"QuantizedWeight8bit holds weight {weight.dtype} / scales {scales.dtype}, expected int8 / bfloat16"
-            )
-        try:
-            return Int8Weight.from_release(weight, scales)
-        except ValueError as exc:
-            raise pickle.UnpicklingError(f"QuantizedWeight8bit: {exc}") from None
-    return _to_tensor(obj, "array")
-
-
 def release_shape(value: Int8Weight) -> tuple[int, ...]:
     """The logical [..., in, out] shape of a quantised weight."""
     return (*value.qweight.shape[:-3], value.in_features, value.out_features)
@@ -203,66 +166,6 @@ class LoadedTensor:
     spec: ParamSpec
     file: str
     value: torch.Tensor | Int8Weight
-
-
-def check_against_spec(value: torch.Tensor | Int8Weight, spec: ParamSpec, file: str) -> None:
-    where = f"{file} ({spec.path})"
-    if spec.quantised:
-        if not isinstance(value, Int8Weight):
-            raise CheckpointError(f"{where}: expected an int8 QuantizedWeight8bit, found a plain {value.dtype} array")
-        shape = release_shape(value)
-        if shape != spec.shape:
-            raise CheckpointError(f"{where}: weight shape {list(shape)} does not match the config's {list(spec.shape)}")
-        blocks = value.blocks
-        if not spec.row_parallel and blocks != 1:
-            raise CheckpointError(f"{where}: scales shape {list(value.scales.shape)} has {blocks} row blocks, expected 1")
-    else:
-        if isinstance(value, Int8Weight):
-            raise CheckpointError(f"{where}: expected a float32 array, found a QuantizedWeight8bit")
-        if tuple(value.shape) != spec.shape:
-            raise CheckpointError(f"{where}: shape {list(value.shape)} does not match the config's {list(spec.shape)}")
-        if value.dtype not in (torch.float32, torch.bfloat16):
-            raise CheckpointError(f"{where}: dtype {value.dtype} where float32 is expected")
-
-
-def iter_release(
-    path: str | os.PathLike[str], config: Grok1Config, only: Callable[[ParamSpec], bool] | None = None
-) -> Iterator[LoadedTensor]:
-    """Reads the release's tensor files one at a time, checked against the config."""
-    ckpt = os.path.join(os.fspath(path), CHECKPOINT_SUBDIR)
-    if not os.path.isdir(ckpt):
-        raise CheckpointError(f"{path}: no {CHECKPOINT_SUBDIR}/ directory (expected the release layout)")
-    order = release_order(config)
-    for index, spec in enumerate(order):
-        if only is not None and not only(spec):
-            continue
-        file = os.path.join(ckpt, tensor_filename(index))
-        where = f"{file} ({spec.path})"
-        try:
-            with open(file, "rb") as fh:
-                value = load_tensor_file(fh)
-                trailing = fh.read(1)
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}: missing tensor file") from None
-        except ForbiddenGlobal as exc:
-            raise CheckpointError(f"{where}: {exc}") from None
-        except (EOFError, pickle.UnpicklingError, struct.error) as exc:
-            detail = str(exc) or type(exc).__name__
-            if isinstance(exc, EOFError) or "truncated" in detail:
-                detail = f"truncated or corrupt file ({detail})"
-            raise CheckpointError(f"{where}: {detail}") from None
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as exc:
-            raise CheckpointError(f"{where}: not a release tensor file ({type(exc).__name__}: {exc})") from None
-        if trailing:
-            raise CheckpointError(f"{where}: unexpected data after the pickle")
-        check_against_spec(value, spec, file)
-        yield LoadedTensor(spec, file, value)
-    extra = os.path.join(ckpt, tensor_filename(len(order)))
-    if only is None and os.path.exists(extra):
-        raise CheckpointError(
-            f"{extra}: the config has {len(order)} tensors but the checkpoint has more; "
-            "is config.json the one for this checkpoint?"
-        )
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -465,16 +368,16 @@ class Payload:
     inline: bytes | None = None  # small payloads are kept in memory
 
     def read(self) -> torch.Tensor:
-        """The whole array (for small payloads, or when a copy is wanted)."""
+        """The whole array, read into a fresh tensor (one copy: the file's bytes land in it directly)."""
+        out = torch.empty(self.nbytes, dtype=torch.uint8)
         if self.inline is not None:
-            data = self.inline
-        else:
+            out.numpy()[:] = memoryview(self.inline)
+        elif self.nbytes:
             with open(self.file, "rb") as fh:
                 fh.seek(self.offset)
-                data = fh.read(self.nbytes)
-            if len(data) != self.nbytes:
-                raise CheckpointError(f"{self.file}: truncated payload")
-        return torch.frombuffer(bytearray(data), dtype=self.dtype).view(self.shape) if data else torch.empty(self.shape, dtype=self.dtype)
+                if fh.readinto(out.numpy()) != self.nbytes:
+                    raise EOFError("the payload is truncated")
+        return out.view(self.dtype).view(self.shape)
 
 
 @dataclass(frozen=True)
@@ -628,3 +531,33 @@ def scan_release(path: str | os.PathLike[str], config: Grok1Config) -> Iterator[
     for index, spec in enumerate(release_order(config)):
         file = os.path.join(ckpt, tensor_filename(index))
         yield spec, file, scan_checked(file, spec)
+
+
+def iter_release(
+    path: str | os.PathLike[str], config: Grok1Config, only: Callable[[ParamSpec], bool] | None = None
+) -> Iterator[LoadedTensor]:
+    """Reads the release's tensor files one at a time, checked against the config: each file's
+    structure is scanned first (`scan_checked`), then its payloads are read straight into tensors."""
+    ckpt = os.path.join(os.fspath(path), CHECKPOINT_SUBDIR)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{path}: no {CHECKPOINT_SUBDIR}/ directory (expected the release layout)")
+    order = release_order(config)
+    for index, spec in enumerate(order):
+        if only is not None and not only(spec):
+            continue
+        file = os.path.join(ckpt, tensor_filename(index))
+        scanned = scan_checked(file, spec)
+        try:
+            if scanned.quantised:
+                value = Int8Weight.from_release(scanned.weight.read(), scanned.scales.read())
+            else:
+                value = scanned.array.read()
+        except (OSError, EOFError) as exc:
+            raise CheckpointError(f"{file} ({spec.path}): cannot read the payload ({exc})") from None
+        yield LoadedTensor(spec, file, value)
+    extra = os.path.join(ckpt, tensor_filename(len(order)))
+    if only is None and os.path.exists(extra):
+        raise CheckpointError(
+            f"{extra}: the config has {len(order)} tensors but the checkpoint has more; "
+            "is config.json the one for this checkpoint?"
+        )
