@@ -53,8 +53,9 @@ def _verify_native(path: str, progress: bool, threads: int) -> VerifyReport:
 
 
 def _verify_release(path: str, progress: bool) -> VerifyReport:
-    """Structure of every file (opcodes, globals, shapes, dtypes, payload sizes, file length),
-    without reading the payloads: a truncated or wrong file is found in seconds."""
+    """Structure of every file (opcodes, globals, shapes, dtypes, payload sizes) and its exact
+    length as the release's writer lays it out, without reading the payloads: a truncated or wrong
+    file is found in seconds."""
     report = VerifyReport(path, "release")
     config = read_config(path)
     ckpt = os.path.join(path, xai.CHECKPOINT_SUBDIR)
@@ -66,6 +67,13 @@ def _verify_release(path: str, progress: bool) -> VerifyReport:
         except CheckpointError as exc:
             report.problems.append(str(exc))
             continue
+        blocks = scanned.scales.shape[-2] if scanned.quantised else 1
+        expected = xai.expected_file_size(spec, blocks)
+        if os.path.getsize(file) != expected:
+            report.problems.append(
+                f"{file} ({spec.path}): {os.path.getsize(file)} bytes; the release's writer makes this tensor "
+                f"{expected} bytes"
+            )
         report.tensors += 1
         parts = [scanned.array] if scanned.array is not None else [scanned.weight, scanned.scales]
         report.bytes_checked += sum(p.nbytes for p in parts)

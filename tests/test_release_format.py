@@ -84,6 +84,13 @@ def test_fixture_tensors_read_exactly_and_rewrite_byte_identical():
     assert count == 26
 
 
+def test_expected_file_sizes_match_the_fixture_files():
+    config = read_config(FIXTURE)
+    for index, spec in enumerate(xai.release_order(config)):
+        file = FIXTURE / "ckpt-0" / xai.tensor_filename(index)
+        assert xai.expected_file_size(spec) == file.stat().st_size, spec.path
+
+
 def test_dequantisation_rounds_product_to_bf16():
     weight = torch.tensor([[127, -3], [5, 1]], dtype=torch.int8)
     scales = torch.tensor([[0.0123, 1.7]], dtype=torch.bfloat16)

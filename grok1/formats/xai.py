@@ -247,8 +247,9 @@ class _PickleEmitter:
             self._op(b"t")
             self._memoize(object())
 
-    def payload(self, data: bytes | memoryview) -> None:
-        n = len(data)
+    def payload(self, data: bytes | memoryview | int) -> None:
+        """Raw array bytes (or, when only sizing, their number)."""
+        n = data if isinstance(data, int) else len(data)
         header = (b"C" + bytes([n])) if n < 256 else (b"B" + struct.pack("<I", n)) if n < 2**32 else (b"\x8e" + struct.pack("<Q", n))
         if n >= _FRAME_SIZE_TARGET:
             self._commit_frame()
@@ -262,7 +263,8 @@ class _PickleEmitter:
 
     def array(self, tensor: torch.Tensor) -> None:
         """numpy.ndarray.__reduce__: _reconstruct(ndarray, (0,), b'b') then BUILD (1, shape, dtype, False, raw)."""
-        tensor = tensor.contiguous().cpu()
+        sizing = tensor.device.type == "meta"
+        tensor = tensor if sizing else tensor.contiguous().cpu()
         self.global_("numpy.core.multiarray", "_reconstruct")
         self.global_("numpy", "ndarray")
         self.tuple_([lambda: self.integer(0)])
@@ -278,7 +280,7 @@ class _PickleEmitter:
         self.tuple_([lambda n=n: self.integer(n) for n in tensor.shape])
         self.dtype(tensor.dtype)
         self._op(b"\x89")
-        self.payload(_raw_bytes(tensor))
+        self.payload(tensor.numel() * tensor.element_size() if sizing else _raw_bytes(tensor))
         self._op(b"t")
         self._memoize(object())
         self._op(b"b")
@@ -340,6 +342,30 @@ def write_tensor_file(out: BinaryIO, value: torch.Tensor | Int8Weight) -> None:
             raise TypeError(f"plain release tensors are float32, got {value.dtype}")
         emitter.array(value)
     emitter.finish()
+
+
+class _CountingSink:
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | int) -> None:
+        self.size += data if isinstance(data, int) else len(data)
+
+
+def expected_file_size(spec: ParamSpec, blocks: int = RELEASE_ROW_BLOCKS) -> int:
+    """The exact size of a release tensor file as the release's writer lays it out (payload plus the
+    pickle around it), computed without any data."""
+    sink = _CountingSink()
+    emitter = _PickleEmitter(sink)
+    sink.write(b"\x80\x04")
+    if spec.quantised:
+        weight = torch.empty(spec.shape, dtype=torch.int8, device="meta")
+        scales = torch.empty(scales_shape(spec, blocks), dtype=torch.bfloat16, device="meta")
+        emitter.quantized_weight(weight, scales)
+    else:
+        emitter.array(torch.empty(spec.shape, dtype=torch.float32, device="meta"))
+    emitter.finish()
+    return sink.size
 
 
 def tensor_file_bytes(value: torch.Tensor | Int8Weight) -> bytes:
