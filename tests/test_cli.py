@@ -84,8 +84,9 @@ def test_interrupted_synth_leaves_nothing(tmp_path):
         calls.append(spec)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        from grok1.synth import synth_tensor
         import torch
+
+        from grok1.synth import synth_tensor
 
         return synth_tensor(spec, PRESETS["tiny"], torch.Generator().manual_seed(0))
 

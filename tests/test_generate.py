@@ -7,7 +7,7 @@ import torch
 
 from grok1.config import PRESETS
 from grok1.errors import Grok1Error
-from grok1.generate import SamplingParams, Sampler, StopStringFilter, filter_logits, generate, generate_batch
+from grok1.generate import Sampler, SamplingParams, StopStringFilter, filter_logits, generate, generate_batch
 from grok1.synth import random_model
 
 
