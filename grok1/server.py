@@ -603,8 +603,9 @@ class _Run:
         try:
             async for choice, text, token in self.updates():
                 scored = [token] if token is not None and token.logprob is not None else []
-                if not text and not scored and choice.finish_reason is None:
-                    continue
+                quiet = not text and not scored and not (gen.return_token_ids and token is not None)
+                if quiet and choice.finish_reason is None:
+                    continue  # nothing to say yet (a partial character, or text held back by a stop string)
                 if gen.chat:
                     payload = {"index": choice.index, "delta": {"content": text} if text else {},
                                "logprobs": api.chat_logprobs(scored) if scored else None,
