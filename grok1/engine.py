@@ -80,14 +80,13 @@ class EngineStopped(Grok1Error):
 class Handle:
     """A submitted sequence: `cancel()` frees its row (or its place in the queue) before the next step."""
 
-    def __init__(self, engine: Engine, request: Request, index: int, on_event: EventCallback, budget: int) -> None:
+    def __init__(self, engine: Engine, request: Request, index: int, on_event: EventCallback) -> None:
         self.request = request
         self.index = index
         self._engine = engine
         self._on_event = on_event
         self.sampler = Sampler(request.sampling)
         self.stop_ids = request.stop_ids if request.stop_ids is not None else frozenset([engine.config.eos_token])
-        self.budget = budget
         self.cancelled = False
         self.done = False
         # Set while the sequence holds a row (engine thread only).
@@ -200,8 +199,8 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     # ---- requests -----------------------------------------------------------------------------
-    def check(self, request: Request) -> int:
-        """Validates a request; returns how many tokens it may generate."""
+    def check(self, request: Request) -> None:
+        """Raises Grok1Error for a request the engine cannot run."""
         ids = request.prompt_ids
         if not ids:
             raise Grok1Error("the prompt is empty")
@@ -219,12 +218,13 @@ class Engine:
         if request.logprobs is not None and not 0 <= request.logprobs <= vocab:
             raise Grok1Error(f"logprobs must be in 0..{vocab}, got {request.logprobs}")
         request.sampling.validate()
-        return request.max_tokens
 
     def submit(self, requests: Sequence[Request], on_event: EventCallback) -> list[Handle]:
         """Queues sequences (all or none). `on_event(index, event)` is called from the engine thread
         with the index of the request in `requests`; every sequence ends with one `Finished`."""
-        handles = [Handle(self, r, i, on_event, self.check(r)) for i, r in enumerate(requests)]
+        for request in requests:
+            self.check(request)
+        handles = [Handle(self, r, i, on_event) for i, r in enumerate(requests)]
         with self._cond:
             if not self.alive:
                 raise EngineStopped(self.error or "the engine is not running")
@@ -399,11 +399,13 @@ class Engine:
             handle.emit(event)
             if token in handle.stop_ids:
                 self._finish(handle, "stop")
-            elif handle.produced >= handle.budget:
+            elif handle.produced >= handle.request.max_tokens:
                 self._finish(handle, "length")
         with self._cond:
             self._generation_tokens += sampled
-            self._recent.append((time.monotonic(), sampled))
+            now = time.monotonic()
+            self._recent.append((now, sampled))
+            self._trim_recent(now)
 
     def _decode(self) -> None:
         """One step over rows 0..highest running row; free rows get a pad token at position 0."""

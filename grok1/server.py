@@ -27,6 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
@@ -279,13 +280,25 @@ class HttpCounter:
         path = scope.get("path", "")
         endpoint = path if path in self.known_paths else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
 
+        started = False
+
+        def count(status: int) -> None:
+            key = (endpoint, status)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
         async def counting_send(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                key = (endpoint, int(message["status"]))
-                self.counts[key] = self.counts.get(key, 0) + 1
+                started = True
+                count(int(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                count(500)  # answered by Starlette's outermost error middleware, outside this one
+            raise
 
 
 class OpenAIApi:
@@ -489,8 +502,10 @@ class OpenAIApi:
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_event(index: int, event: Token | Finished) -> None:
-            if not loop.is_closed():  # the server may be shutting down
+            try:
                 loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
 
         try:
             handles = self.engine.submit(gen.sequences, on_event)
@@ -521,7 +536,7 @@ class OpenAIApi:
             out["top_logprobs"].append({self.token_text(i)[0]: lp for i, lp in t.top_logprobs or []})
             out["text_offset"].append(choice.offset)
             # characters this token starts: every UTF-8 byte that is not a continuation byte
-            choice.offset += sum(1 for b in data if b & 0xC0 != 0x80) if data else 0
+            choice.offset += sum(1 for b in data if b & 0xC0 != 0x80)
         return out
 
     def chat_logprobs(self, tokens: list[Token]) -> dict[str, Any]:
@@ -698,13 +713,18 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, api_key
         api.check_model(model_id)
         return api.model_card()
 
+    async def generation(request: Request, chat: bool) -> Response:
+        body = await api.read_body(request)
+        gen = await run_in_threadpool(api.parse, body, chat)  # tokenizing a long prompt would stall the loop
+        return await api.generate(request, gen)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await api.generate(request, api.parse(await api.read_body(request), chat=False))
+        return await generation(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await api.generate(request, api.parse(await api.read_body(request), chat=True))
+        return await generation(request, chat=True)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -183,6 +183,10 @@ def test_streamed_completion_equals_the_whole_one(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     assert all(c.usage is None for c in chunks[:-1])
+    # with token ids asked for, every token gets its chunk, even one whose text is still incomplete
+    kw["extra_body"] = dict(kw["extra_body"], return_token_ids=True)
+    ids = [i for c in completion(client, stream=True, **kw) for i in token_ids(c.choices[0])]
+    assert ids == token_ids(completion(client, **kw).choices[0]) and len(ids) == 20
 
 
 def test_streamed_chat_equals_the_whole_one(client):
