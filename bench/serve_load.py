@@ -295,7 +295,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", help="server --dtype for the load phase")
     parser.add_argument("--threads", type=int, default=1,
                         help="server --threads for the load phase (the clients need the other core)")
-    parser.add_argument("--mid-threads", type=int, default=None, help="server --threads for the batching phase")
+    parser.add_argument("--mid-threads", type=int, default=1,
+                        help="server --threads for the batching phase (0: PyTorch's choice)")
     parser.add_argument("--mid-dir", default="/tmp/grok1-serve-mid", help="the mid preset (written if missing)")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--mid-tokens", type=int, default=48)
@@ -306,8 +307,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
 
+    # Other work on the machine moves these figures a lot: the load average is recorded with them.
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                "python": platform.python_version()}}
+                                "python": platform.python_version(), "loadavg_start": os.getloadavg()}}
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="grok1-serve-load-") as tmp:
         if not args.skip_load:
@@ -342,12 +344,13 @@ def main() -> int:
             with ServerProcess(path, os.path.join(tmp, "mid.log"), "--max-batch", str(args.streams), *threads) as server:
                 batching = asyncio.run(batching_phase(server.url, os.path.basename(os.path.normpath(path)),
                                                       args.streams, args.mid_tokens, args.repeats))
-            report["batching"] = dict(batching, model="mid", dtype="bfloat16")
+            report["batching"] = dict(batching, model="mid", dtype="bfloat16", server_threads=args.mid_threads or None)
             rows += [
                 ("mid: 1 stream decode tok/s", f"{batching['single_decode_tokens_per_s']:.1f}"),
                 (f"mid: {args.streams} streams decode tok/s (sum)", f"{batching['multi_decode_tokens_per_s']:.1f}"),
                 (f"mid: ratio {args.streams} streams / 1", f"{batching['ratio']:.2f}x"),
             ]
+    report["machine"]["loadavg_end"] = os.getloadavg()
     width = max(len(k) for k, _ in rows) if rows else 0
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
