@@ -267,6 +267,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             f"reference perplexity {result['reference_perplexity']:.4f}; mean KL(reference || model) "
             f"{result['mean_kl']:.5f} nats; top-1 agreement {100 * result['top1_agreement']:.2f} %"
         )
+    return 0
 
 
 def convert_gguf(args: argparse.Namespace) -> int:
@@ -295,6 +296,26 @@ def convert_gguf(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print("  no tokenizer.model (pass --tokenizer): the file holds a placeholder vocabulary, ids only")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(
+        args.model,
+        tokenizer_path=args.tokenizer,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("GROK1_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        context_len=args.context_len,
+        dtype=args.dtype,
+        device=args.device,
+        model_name=args.served_model_name,
+        log_level=args.log_level,
+        threads=args.threads,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +395,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_perplexity)
+    v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    v.add_argument("--model", required=True, help="model directory (release layout: ckpt-0/, optional config.json)")
+    v.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: found in or beside the model)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $GROK1_API_KEY, else none)")
+    v.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache rows)")
+    v.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a row before requests get 429")
+    v.add_argument("--context-len", type=int, help="KV-cache length per row (default: the model's context)")
+    v.add_argument("--served-model-name", help="model id clients send (default: the model directory's name)")
+    v.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
+    v.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    v.add_argument("--threads", type=int, help="CPU threads for the model (default: PyTorch's choice)")
+    v.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="server log level (debug also logs every request)")
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
     d.add_argument("--dir", default="demo-model")

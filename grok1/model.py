@@ -289,6 +289,19 @@ class KVCache:
     def reset_rows(self, rows: list[int]) -> None:
         self.key_valid[rows] = False
 
+    def view_rows(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache that shares this one's memory: a forward through the view
+        reads and writes those rows of this cache (used to prefill or decode part of a batch)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop - 1} are outside the cache's {self.batch_size} rows")
+        view = object.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.key_valid = self.key_valid[start:stop]
+        view.max_len = self.max_len
+        view.batch_size = stop - start
+        return view
+
 
 class Grok1(nn.Module):
     """The language model: embedding, decoder layers, final norm, tied output projection."""
