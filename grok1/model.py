@@ -232,9 +232,16 @@ class MoE(nn.Module):
         b, t, d = x.shape
         tokens = x.reshape(b * t, d)
         gates, experts = self.route(tokens)
-        expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
-        for expert in torch.unique(experts).tolist():
-            rows, slots = (experts == expert).nonzero(as_tuple=True)
+        # Group the (token, slot) pairs by expert on the host (the one sync a MoE layer needs), so each
+        # chosen expert runs once on all its tokens.
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for row, chosen in enumerate(experts.tolist()):
+            for slot, expert in enumerate(chosen):
+                rows, slots = groups.setdefault(expert, ([], []))
+                rows.append(row)
+                slots.append(slot)
+        expert_out = torch.empty(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
+        for expert, (rows, slots) in groups.items():
             expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert)
         # §6.3: gates rounded to bf16, f32 sum over the selected experts, output always bf16.
         combined = (gates.to(torch.bfloat16).float()[..., None] * expert_out).sum(dim=1)
