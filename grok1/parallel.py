@@ -466,7 +466,7 @@ def load(path: str | os.PathLike[str], group: Group | None = None, *, dtype: str
 
     group = group or init()
     path = os.fspath(path)
-    failure: Grok1Error | None = None
+    failure: Exception | None = None
     model = None
     try:
         act = resolve_dtype(dtype)
@@ -481,11 +481,12 @@ def load(path: str | os.PathLike[str], group: Group | None = None, *, dtype: str
         read(model, path, placement, place)
         model.use_fast_kernels(act == torch.bfloat16 and not exact)
         model.eval()
-    except Grok1Error as exc:
+    except Exception as exc:  # re-raised below, after telling the other ranks
         failure = exc
     failed = group.ranks_where(failure is not None)
     if failure is not None:
-        failure.rank = group.rank  # reported by this rank; the others report that it failed
+        if len(failed) < group.world_size:
+            failure.rank = group.rank  # this rank's own problem: it reports it, the others that it failed
         raise failure
     if failed:
         raise Grok1Error(f"rank(s) {', '.join(map(str, failed))} could not load their part of {path}")
