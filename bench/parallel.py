@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import save, table  # noqa: E402
+from common import save, status_kb, table  # noqa: E402
 
 import grok1  # noqa: E402
 from grok1 import parallel  # noqa: E402
@@ -74,13 +74,6 @@ def mapped_rss_kb(directory: str) -> int:
     return total
 
 
-def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 # ---- one rank ----------------------------------------------------------------------------------
 
 
@@ -110,7 +103,7 @@ def worker(task: str, model_path: str, out: str, new_tokens: int) -> None:
         stats = GenerationStats()
         grok1.generate(model, prompt, max_new_tokens=new_tokens, temperature=0, ignore_eos=True, stats=stats)
         mine = {"weight_bytes": parallel.weight_bytes(model), "mapped_rss_kb": mapped_rss_kb(model_path),
-                "rss_anon_kb": status_kb("RssAnon"), "load_s": load_s, "decode_tok_s": stats.decode_tokens_per_s,
+                "rss_anon_kb": status_kb(os.getpid(), "RssAnon"), "load_s": load_s, "decode_tok_s": stats.decode_tokens_per_s,
                 "placement": model.placement.describe()}
         every = [None] * group.world_size
         torch.distributed.all_gather_object(every, mine)
