@@ -29,9 +29,39 @@ def _token_ids(text: str) -> list[int]:
         raise Grok1Error(f"--token-ids must be comma-separated integers, got {text!r}") from None
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) when launched by torchrun (or with RANK/WORLD_SIZE set), else (0, 1)."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise Grok1Error("RANK and WORLD_SIZE must be integers") from None
+
+
+def _load_for_generate(args: argparse.Namespace, progress: bool):
+    """The model, on one device or (under torchrun) this rank's part of it across the process group."""
+    from .loader import load
+
+    _, world = _world()
+    devices = args.devices or args.device
+    if world == 1:
+        if args.devices:
+            from .parallel import rank_device
+
+            devices = rank_device(args.devices, 0, 1)
+        return load(args.model, dtype=args.dtype, device=devices, progress=progress, exact=args.exact, head=args.head)
+    from . import parallel
+
+    if args.head != "bf16":
+        raise Grok1Error("--head int8 is not available across several processes yet")
+    parallel.check(args.model, world)  # refuse sizes that do not split before waiting for the other ranks
+    group = parallel.init(devices)
+    model = parallel.load(args.model, group, dtype=args.dtype, exact=args.exact)
+    args.seed = group.shared_seed(args.seed)  # every rank samples from the same logits with the same seed
+    return model
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationStats, StopStringFilter, stream
-    from .loader import load
     from .tokenizer import Tokenizer, find_tokenizer
 
     if args.max_new_tokens < 0:
@@ -51,9 +81,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompt_ids:
             raise Grok1Error("--token-ids is empty")
 
+    rank, world = _world()
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json, exact=args.exact,
-                 head=args.head)
+    model = _load_for_generate(args, progress=not args.json and rank == 0)
     load_s = time.perf_counter() - started
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise Grok1Error(
@@ -65,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pieces: list[str] = []
     decoder = tokenizer.stream_decoder(at_start=False) if tokenizer else None
     stops = StopStringFilter(args.stop or [])
-    out = sys.stdout
+    out = sys.stdout if rank == 0 else open(os.devnull, "w")  # every rank generates, rank 0 prints
     if not args.json and tokenizer is not None and args.prompt is not None:
         out.write(args.prompt)
         out.flush()
@@ -110,6 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(new_ids),
     }
+    if world > 1:
+        stats_obj["ranks"] = world
     if args.json:
         json.dump(
             {
@@ -122,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out,
         )
         out.write("\n")
-    else:
+    elif rank == 0:
         out.write("\n")
         print(
             f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} new; load {load_s:.2f} s, "
@@ -336,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
     g.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    g.add_argument("--devices", default=None,
+                   help="under torchrun, each rank's device: cpu, cuda (cuda:LOCAL_RANK), or a comma-separated "
+                   "list indexed by the local rank (default: cuda when the host has a GPU per rank, else cpu)")
     g.add_argument("--exact", action="store_true",
                    help="bfloat16 with the official arithmetic instead of the fast kernels (float32 always is exact)")
     g.add_argument("--head", choices=["bf16", "int8"], default="bf16",
@@ -426,13 +461,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except Grok1Error as exc:
-        print(f"grok1: error: {exc}", file=sys.stderr)
+        own = getattr(exc, "rank", None)  # set by the one rank that met the error (parallel.load)
+        if own is not None:
+            print(f"grok1: error (rank {own}): {exc}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+            print(f"grok1: error: {exc}", file=sys.stderr)  # once, not by every rank
         return 1
     except KeyboardInterrupt:
         print("grok1: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        parallel = sys.modules.get("grok1.parallel")
+        if parallel is not None:
+            parallel.shutdown()
 
 
 if __name__ == "__main__":

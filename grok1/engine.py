@@ -275,7 +275,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 model = self.model
-                self._cache = KVCache(self.config, self.max_batch, self.context_len, model.activation_dtype, model.device)
+                self._cache = model.new_cache(self.max_batch, self.context_len)
                 self._started.set()
                 while True:
                     admitted = self._next_work()

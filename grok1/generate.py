@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import Grok1Error
-from .model import Grok1, KVCache
+from .model import Grok1
 
 
 @dataclass
@@ -146,7 +146,7 @@ def stream_batch(
         return
     device = model.device
     cache_len = max(n + b for n, b in zip(lengths, budgets, strict=True))
-    cache = KVCache(cfg, batch, cache_len, model.activation_dtype, device)
+    cache = model.new_cache(batch, cache_len)
 
     longest = max(lengths)
     tokens = torch.full((batch, longest), cfg.pad_token, dtype=torch.long)

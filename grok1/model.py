@@ -8,7 +8,7 @@ here are the official code's: they are what makes the float32 path reproduce the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +152,11 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.fast = False  # weight-only kernels instead of the official dequantise-then-matmul
+        # Tensor parallelism (grok1/parallel.py): this rank's heads, and the sum of the output
+        # projection's partial products over ranks. Without it: all heads, nothing to sum.
+        self.num_q_heads = config.num_q_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.query: Int8Weight | None = None
         self.key: Int8Weight | None = None
         self.value: Int8Weight | None = None
@@ -167,9 +172,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         b, t, _ = x.shape
-        q = project(x, self.query, self.fast).view(b, t, cfg.num_q_heads, cfg.key_size)
-        k = project(x, self.key, self.fast).view(b, t, cfg.num_kv_heads, cfg.key_size)
-        v = project(x, self.value, self.fast).view(b, t, cfg.num_kv_heads, cfg.value_size)
+        q = project(x, self.query, self.fast).view(b, t, self.num_q_heads, cfg.key_size)
+        k = project(x, self.key, self.fast).view(b, t, self.num_kv_heads, cfg.key_size)
+        v = project(x, self.value, self.fast).view(b, t, self.num_kv_heads, cfg.value_size)
         q = rotary(q, angles)
         k = rotary(k, angles)
         if kv_cache is None:
@@ -182,7 +187,8 @@ class Attention(nn.Module):
             span = mask.shape[-1]
             keys, values = cache_k[:, :, :span], cache_v[:, :, :span]
         attended = attend(q, keys.to(x.dtype), values.to(x.dtype), mask, cfg)
-        return project(attended, self.linear, self.fast)
+        out = project(attended, self.linear, self.fast)
+        return out if self.reduce is None else self.reduce(out)
 
 
 def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
@@ -200,6 +206,10 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.fast = False
+        # Expert parallelism (grok1/parallel.py): the experts this rank holds (its weight stacks start
+        # at local_experts.start), and the sum of the gated outputs over ranks.
+        self.local_experts = range(config.num_experts)
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.router: torch.Tensor | None = None  # [D, E] float32
         self.linear: Int8Weight | None = None  # [E, D, F] gate projection (through GELU)
         self.linear_v: Int8Weight | None = None  # [E, D, F] up projection
@@ -233,18 +243,22 @@ class MoE(nn.Module):
         tokens = x.reshape(b * t, d)
         gates, experts = self.route(tokens)
         # Group the (token, slot) pairs by expert on the host (the one sync a MoE layer needs), so each
-        # chosen expert runs once on all its tokens.
+        # chosen expert runs once on all its tokens. With expert parallelism a rank runs only its own
+        # experts and leaves the other slots zero; the reduce below adds the other ranks' shares.
         groups: dict[int, tuple[list[int], list[int]]] = {}
         for row, chosen in enumerate(experts.tolist()):
             for slot, expert in enumerate(chosen):
-                rows, slots = groups.setdefault(expert, ([], []))
-                rows.append(row)
-                slots.append(slot)
-        expert_out = torch.empty(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
+                if expert in self.local_experts:
+                    rows, slots = groups.setdefault(expert, ([], []))
+                    rows.append(row)
+                    slots.append(slot)
+        expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
         for expert, (rows, slots) in groups.items():
-            expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert)
+            expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert - self.local_experts.start)
         # §6.3: gates rounded to bf16, f32 sum over the selected experts, output always bf16.
         combined = (gates.to(torch.bfloat16).float()[..., None] * expert_out).sum(dim=1)
+        if self.reduce is not None:
+            combined = self.reduce(combined)  # every rank's experts' share, still float32
         return combined.to(torch.bfloat16).view(b, t, d)
 
 
@@ -285,8 +299,9 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        num_kv_heads: int | None = None,  # a tensor-parallel rank's own kv heads
     ) -> None:
-        shape = (batch_size, config.num_kv_heads, max_len, config.key_size)
+        shape = (batch_size, num_kv_heads or config.num_kv_heads, max_len, config.key_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -321,6 +336,7 @@ class Grok1(nn.Module):
         self.head: Int8Weight | None = None  # optional int8 copy of the table for the fast path's logits
         self.rms_norm = RMSNorm(config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.vocab_shard = None  # vocab-parallel lookup and logits gather (grok1/parallel.py)
 
     # ---- weights -------------------------------------------------------------------------------
     def _slot(self, path: str) -> tuple[nn.Module, str]:
@@ -381,6 +397,11 @@ class Grok1(nn.Module):
     def device(self) -> torch.device:
         return self.embeddings.device
 
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for this model (for this rank's kv heads when tensor-parallel)."""
+        heads = self.layers[0].attn.num_kv_heads if len(self.layers) else None
+        return KVCache(self.config, batch_size, max_len, self.activation_dtype, self.device, num_kv_heads=heads)
+
     @property
     def fast(self) -> bool:
         return self.layers[0].attn.fast if len(self.layers) else False
@@ -437,7 +458,9 @@ class Grok1(nn.Module):
             slots = torch.arange(span, device=device)
             mask = cache.key_valid[:, None, :span] & (slots[None, None, :] <= positions[:, :, None])
 
-        h = self.embeddings[tokens].to(act) * scalar(cfg.embedding_multiplier_scale, act, device)
+        shard = self.vocab_shard
+        rows = self.embeddings[tokens] if shard is None else shard.lookup(self.embeddings, tokens)
+        h = rows.to(act) * scalar(cfg.embedding_multiplier_scale, act, device)
         angles = rope_angles(positions, cfg.key_size, cfg.rope_base)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -445,12 +468,12 @@ class Grok1(nn.Module):
         if logits_index is not None:
             h = h[torch.arange(b, device=device), logits_index.to(device)][:, None, :]
         y = self.rms_norm(h)
-        if self.head is not None and self.fast:
+        if self.head is not None and self.fast and shard is None:
             logits = self.head.linear(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
         else:
             logits = y @ self.embeddings.to(act).T
-        logits = logits * scalar(cfg.output_multiplier_scale, act, device)
-        return logits.float()
+        logits = (logits * scalar(cfg.output_multiplier_scale, act, device)).float()
+        return logits if shard is None else shard.gather(logits)
 
 
 def attention_score_bytes(config: Grok1Config, batch: int, queries: int, keys: int) -> int:
