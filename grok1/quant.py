@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 INT4_GROUP = 32
-SMALL_BATCH_BLOCK_ROWS = 16  # up to this many (tokens x scale blocks), row-parallel matmuls use one call
 
 
 class Int8Weight(nn.Module):
@@ -90,18 +89,9 @@ class Int8Weight(nn.Module):
         float32 and rounded once."""
         q = self.qweight if expert is None else self.qweight[expert]
         s = self.scales if expert is None else self.scales[expert]
-        g, n, kb = q.shape
+        g, _, kb = q.shape
         if g == 1:
             return int8_matmul(x.contiguous(), q[0], s[0])
-        m = x.shape[0]
-        if m * g <= SMALL_BATCH_BLOCK_ROWS and kb % 16 == 0:
-            # One kernel call instead of g: every block of x against the whole matrix viewed as
-            # [g*out, in/g] (scales per row), keeping the diagonal blocks. The weight is read once; the
-            # extra multiply-adds are free while decoding, when the call is bound by memory.
-            xb = x.reshape(m, g, kb).transpose(0, 1).reshape(g * m, kb)
-            y = int8_matmul(xb, q.reshape(g * n, kb), s.reshape(g * n)).view(g, m, g, n)
-            diagonal = y.diagonal(dim1=0, dim2=2)  # [m, n, g]
-            return diagonal.float().sum(-1).to(x.dtype)
         total = None
         for b in range(g):
             part = int8_matmul(x[:, b * kb : (b + 1) * kb].contiguous(), q[b], s[b]).float()
