@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .config import PRESETS, Grok1Config, preset
 from .errors import Grok1Error
+from .units import parse_size
 
 DEMO_PROMPT = "The model reads a sequence of tokens and"
 
@@ -187,22 +188,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_generate(gen_args)
     print("\nThe weights are random: the text above is noise. Point --model at a real checkpoint for real text.")
     return 0
-
-
-def parse_size(text: str) -> int:
-    """'4GB' -> 4e9 bytes, '512MiB' -> 512 * 2**20; a bare number is bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise Grok1Error(f"cannot read the size {text!r} (examples: 4GB, 512MiB)") from None
-    if unit not in units or value <= 0:
-        raise Grok1Error(f"cannot read the size {text!r} (examples: 4GB, 512MiB)")
-    return int(value * units[unit])
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
