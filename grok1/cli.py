@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .config import PRESETS, Grok1Config, preset
 from .errors import Grok1Error
-from .units import parse_size
+from .units import human, parse_size
 
 DEMO_PROMPT = "The model reads a sequence of tokens and"
 
@@ -52,9 +52,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompt_ids:
             raise Grok1Error("--token-ids is empty")
 
+    weights_budget = None
+    if args.max_memory is not None:
+        weights_budget = _weights_budget(args, len(prompt_ids))
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json, exact=args.exact)
+    model = load(args.model, dtype=args.dtype, device=args.device, progress=not args.json, exact=args.exact,
+                 max_memory=weights_budget)
     load_s = time.perf_counter() - started
+    store = getattr(model, "expert_store", None)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise Grok1Error(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}"
@@ -70,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(args.prompt)
         out.flush()
     finish_reason = "length"
+    after_prefill: tuple[dict, int | None] | None = None
     for token in stream(
         model,
         prompt_ids,
@@ -82,6 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stats=stats,
     ):
         new_ids.append(token)
+        if after_prefill is None:  # decode counters start after the prompt has been processed
+            after_prefill = (store.snapshot() if store is not None else {}, io_read_bytes())
         if token == model.config.eos_token and not args.ignore_eos:
             finish_reason = "stop"
         if decoder is None:
@@ -109,6 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(new_ids),
+        **_memory_stats(store, after_prefill, stats.decode_steps),
     }
     if args.json:
         json.dump(
@@ -127,10 +136,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(
             f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} new; load {load_s:.2f} s, "
             f"prefill {stats.prefill_tokens_per_s:.1f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s, "
-            f"peak RSS {stats_obj['peak_rss_mb']:.0f} MB]",
+            f"peak RSS {stats_obj['peak_rss_mb']:.0f} MB{_memory_summary(stats_obj)}]",
             file=sys.stderr,
         )
     return 0
+
+
+def io_read_bytes() -> int | None:
+    """Bytes this process has read from storage (Linux /proc/self/io), None where unavailable."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _weights_budget(args: argparse.Namespace, prompt_tokens: int) -> int:
+    """--max-memory less this run's KV cache: what the weights may use (checked against the model)."""
+    from .loader import resolve_dtype
+    from .memory import check_max_memory, kv_cache_bytes, native_needs
+
+    limit = parse_size(args.max_memory, "--max-memory")
+    if args.model.lower().endswith(".gguf") or not os.path.isdir(args.model):
+        raise Grok1Error(f"{args.model}: --max-memory needs a model in the native format (convert it with `grok1 convert`)")
+    act = resolve_dtype(args.dtype)
+    config, needs = native_needs(args.model, act)
+    tokens = min(config.sequence_len, prompt_tokens + args.max_new_tokens)
+    kv = kv_cache_bytes(config, tokens, act)
+    return check_max_memory(limit, needs, act, "--max-memory", kv, f"the KV cache of {tokens} tokens")
+
+
+def _memory_stats(store, after_prefill: tuple[dict, int | None] | None, decode_steps: int) -> dict:
+    """Disk reads and expert cache hits per decoded token (the prompt's excluded)."""
+    out: dict = {"bytes_read_per_token": None, "expert_cache_hit_rate": None}
+    if after_prefill is None or decode_steps == 0:
+        return out
+    start, io_start = after_prefill
+    io_now = io_read_bytes()
+    if store is not None:
+        now = store.snapshot()
+        requests = (now["hits"] - start["hits"]) + (now["misses"] - start["misses"])
+        out["bytes_read_per_token"] = round((now["bytes_read"] - start["bytes_read"]) / decode_steps)
+        out["expert_cache_hit_rate"] = round((now["hits"] - start["hits"]) / requests, 4) if requests else None
+        out["expert_reads_per_token"] = round((now["reads"] - start["reads"]) / decode_steps, 2)
+        out["expert_stall_s"] = round(now["stall_s"] - start["stall_s"], 3)
+        out["expert_budget_bytes"] = store.budget
+    elif io_now is not None and io_start is not None:
+        out["bytes_read_per_token"] = round((io_now - io_start) / decode_steps)  # page faults on the mapping
+    if io_now is not None and io_start is not None:
+        out["io_read_bytes_per_token"] = round((io_now - io_start) / decode_steps)
+    return out
+
+
+def _memory_summary(stats: dict) -> str:
+    if stats.get("expert_cache_hit_rate") is None:
+        return ""
+    return (f"; {human(stats['bytes_read_per_token'])} read per decoded token, "
+            f"expert cache hit rate {100 * stats['expert_cache_hit_rate']:.0f} %")
 
 
 def _synth_config(args: argparse.Namespace) -> Grok1Config:
@@ -304,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens even after EOS")
     g.add_argument("--add-bos", action="store_true", help="prepend BOS (the official runner does not)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="cap on the memory for weights and this run's KV cache, e.g. 8GB (native models): "
+                   "attention, router, norm and embedding weights stay in memory, experts are read from the "
+                   "files as tokens select them, the most used ones kept in the rest")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 

@@ -226,7 +226,11 @@ class MoE(nn.Module):
         tokens = x.reshape(b * t, d)
         gates, experts = self.route(tokens)
         expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
-        for expert in torch.unique(experts).tolist():
+        selected = torch.unique(experts).tolist()
+        for weight in (self.linear, self.linear_v, self.linear_1):
+            if hasattr(weight, "prefetch"):  # weights read from disk on demand start reading these now
+                weight.prefetch(selected)
+        for expert in selected:
             rows, slots = (experts == expert).nonzero(as_tuple=True)
             expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert)
         # §6.3: gates rounded to bf16, f32 sum over the selected experts, output always bf16.
