@@ -318,6 +318,87 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         )
 
 
+def _gpu_spec(text: str) -> list[tuple[str, int]]:
+    """'80GB' -> one GPU, '80GBx8' -> eight, 'none' or '0' -> none."""
+    if text.strip().lower() in ("none", "0", ""):
+        return []
+    size, _, count = text.lower().partition("x")
+    try:
+        n = int(count) if count else 1
+    except ValueError:
+        raise Grok1Error(f"--gpu: cannot read {text!r} (examples: 80GB, 80GBx8, none)") from None
+    if n <= 0:
+        raise Grok1Error(f"--gpu: the count must be positive, got {text!r}")
+    return [("GPU", parse_size(size, "--gpu size"))] * n
+
+
+def _rate_arg(text: str, what: str) -> float:
+    try:
+        value = float(text.strip().upper().removesuffix("GB/S"))
+    except ValueError:
+        raise Grok1Error(f"{what}: cannot read {text!r} as GB/s (e.g. 2.5)") from None
+    if not value > 0:
+        raise Grok1Error(f"{what} must be positive, got {text!r}")
+    return value * 1e9
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import plan
+    from .formats import native
+    from .loader import read_config
+
+    quant = args.quant
+    files: list[str] = []
+    if args.model is not None:
+        if not os.path.isdir(args.model):
+            raise Grok1Error(f"{args.model}: no such model directory")
+        config = read_config(args.model)
+        if native.is_native(args.model):
+            ckpt = native.NativeCheckpoint(args.model)
+            quant = quant or ckpt.quant
+            files = [os.path.join(args.model, s) for s in sorted(ckpt.shards)]
+        else:
+            ckpt_dir = os.path.join(args.model, "ckpt-0")
+            if os.path.isdir(ckpt_dir):
+                files = sorted(os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir))
+    else:
+        config = preset(args.preset)
+    quant = quant or "int8"
+    if args.ram is not None:
+        ram, ram_source = parse_size(args.ram, "--ram"), "given"
+    else:
+        ram, ram_source = plan.detect_ram()
+    if args.ram_bandwidth is not None:
+        ram_bw, ram_bw_source = _rate_arg(args.ram_bandwidth, "--ram-bandwidth"), "given"
+    else:
+        ram_bw, ram_bw_source = plan.measure_ram_bandwidth(), "measured (best of 3 reads of 256 MiB)"
+    if args.gpu is not None:
+        gpus, gpu_source = _gpu_spec(args.gpu), "given"
+    else:
+        gpus, gpu_source = plan.detect_gpus()
+    machine = plan.Machine(ram, ram_source, ram_bw, ram_bw_source, gpus, gpu_source)
+    if gpus:
+        if args.gpu_bandwidth is not None:
+            machine.gpu_bandwidth, machine.gpu_bandwidth_source = _rate_arg(args.gpu_bandwidth, "--gpu-bandwidth"), "given"
+        elif plan.gpu_bandwidth_for(gpus[0][0]):
+            machine.gpu_bandwidth = plan.gpu_bandwidth_for(gpus[0][0])
+            machine.gpu_bandwidth_source = f"vendor figure for {gpus[0][0]}"
+        else:
+            machine.gpu_bandwidth = plan.ASSUMED_GPU_BANDWIDTH_GB_S * 1e9
+            machine.gpu_bandwidth_source = "assumed (pass --gpu-bandwidth)"
+    if args.disk_read is not None:
+        machine.disk_read, machine.disk_source = _rate_arg(args.disk_read, "--disk-read"), "given"
+    elif files:
+        machine.disk_read = plan.measure_disk_read(files)
+        machine.disk_source = f"measured (sequential read of up to 1 GB of {args.model})"
+    result = plan.report(config, quant, machine, args.context)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(plan.format_report(result))
+    return 0
+
+
 def convert_gguf(args: argparse.Namespace) -> int:
     from .formats import gguf
     from .loader import read_weights
@@ -425,6 +506,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_perplexity)
+
+    pl = sub.add_parser("plan", help="memory a model needs and which placements fit this machine, with predicted tok/s")
+    which = pl.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model directory (native or release layout): its config and files")
+    which.add_argument("--preset", choices=sorted(PRESETS), default="grok-1", help="a built-in config (default grok-1)")
+    pl.add_argument("--quant", choices=["int8", "int4", "bf16"], help="projections' quantisation (default: the model's, else int8)")
+    pl.add_argument("--ram", metavar="SIZE", help="RAM to plan for, e.g. 64GB (default: detected)")
+    pl.add_argument("--gpu", metavar="SIZE[xN]", help="GPU memory per device and count, e.g. 80GBx8, or none (default: detected)")
+    pl.add_argument("--disk-read", metavar="GB/s", help="disk read speed (default: measured on --model's files, else unknown)")
+    pl.add_argument("--ram-bandwidth", metavar="GB/s", help="CPU memory bandwidth (default: measured)")
+    pl.add_argument("--gpu-bandwidth", metavar="GB/s", help="memory bandwidth per GPU (default: known for common GPUs)")
+    pl.add_argument("--context", type=int, help="tokens of KV cache to plan for (default: the model's context)")
+    pl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
     d.add_argument("--dir", default="demo-model")
