@@ -344,58 +344,21 @@ def _rate_arg(text: str, what: str) -> float:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan
-    from .formats import native
-    from .loader import read_config
 
-    quant = args.quant
-    files: list[str] = []
     if args.model is not None:
-        if not os.path.isdir(args.model):
-            raise Grok1Error(f"{args.model}: no such model directory")
-        config = read_config(args.model)
-        if native.is_native(args.model):
-            ckpt = native.NativeCheckpoint(args.model)
-            quant = quant or ckpt.quant
-            files = [os.path.join(args.model, s) for s in sorted(ckpt.shards)]
-        else:
-            ckpt_dir = os.path.join(args.model, "ckpt-0")
-            if os.path.isdir(ckpt_dir):
-                files = sorted(os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir))
+        config, quant, files = plan.describe_model(args.model)
     else:
-        config = preset(args.preset)
-    quant = quant or "int8"
-    if args.ram is not None:
-        ram, ram_source = parse_size(args.ram, "--ram"), "given"
-    else:
-        ram, ram_source = plan.detect_ram()
-    if args.ram_bandwidth is not None:
-        ram_bw, ram_bw_source = _rate_arg(args.ram_bandwidth, "--ram-bandwidth"), "given"
-    else:
-        ram_bw, ram_bw_source = plan.measure_ram_bandwidth(), "measured (best of 3 reads of 256 MiB)"
-    if args.gpu is not None:
-        gpus, gpu_source = _gpu_spec(args.gpu), "given"
-    else:
-        gpus, gpu_source = plan.detect_gpus()
-    machine = plan.Machine(ram, ram_source, ram_bw, ram_bw_source, gpus, gpu_source)
-    if gpus:
-        if args.gpu_bandwidth is not None:
-            machine.gpu_bandwidth, machine.gpu_bandwidth_source = _rate_arg(args.gpu_bandwidth, "--gpu-bandwidth"), "given"
-        elif plan.gpu_bandwidth_for(gpus[0][0]):
-            machine.gpu_bandwidth = plan.gpu_bandwidth_for(gpus[0][0])
-            machine.gpu_bandwidth_source = f"vendor figure for {gpus[0][0]}"
-        else:
-            machine.gpu_bandwidth = plan.ASSUMED_GPU_BANDWIDTH_GB_S * 1e9
-            machine.gpu_bandwidth_source = "assumed (pass --gpu-bandwidth)"
-    if args.disk_read is not None:
-        machine.disk_read, machine.disk_source = _rate_arg(args.disk_read, "--disk-read"), "given"
-    elif files:
-        machine.disk_read = plan.measure_disk_read(files)
-        machine.disk_source = f"measured (sequential read of up to 1 GB of {args.model})"
-    result = plan.report(config, quant, machine, args.context)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(plan.format_report(result))
+        config, quant, files = preset(args.preset), None, []
+    machine = plan.describe_machine(
+        ram=parse_size(args.ram, "--ram") if args.ram is not None else None,
+        gpus=_gpu_spec(args.gpu) if args.gpu is not None else None,
+        ram_bandwidth=_rate_arg(args.ram_bandwidth, "--ram-bandwidth") if args.ram_bandwidth else None,
+        gpu_bandwidth=_rate_arg(args.gpu_bandwidth, "--gpu-bandwidth") if args.gpu_bandwidth else None,
+        disk_read=_rate_arg(args.disk_read, "--disk-read") if args.disk_read else None,
+        disk_files=files,
+    )
+    result = plan.report(config, args.quant or quant or "int8", machine, args.context)
+    print(json.dumps(result) if args.json else plan.format_report(result))
     return 0
 
 

@@ -243,6 +243,56 @@ def measure_disk_read(files: list[str], limit: int = 10**9, block: int = 8 * 2**
     return done / elapsed
 
 
+def describe_machine(
+    ram: int | None = None,
+    gpus: list[tuple[str, int]] | None = None,
+    ram_bandwidth: float | None = None,
+    gpu_bandwidth: float | None = None,
+    disk_read: float | None = None,
+    disk_files: list[str] | None = None,
+) -> Machine:
+    """This machine, with what is given (bytes, bytes/s) taking the place of detection and measurement;
+    the disk is timed on `disk_files` when its speed is not given."""
+    ram, ram_source = (ram, "given") if ram is not None else detect_ram()
+    if ram_bandwidth is not None:
+        ram_bw, ram_bw_source = ram_bandwidth, "given"
+    else:
+        ram_bw, ram_bw_source = measure_ram_bandwidth(), "measured (best of 3 reads of 256 MiB)"
+    gpus, gpu_source = (gpus, "given") if gpus is not None else detect_gpus()
+    machine = Machine(ram, ram_source, ram_bw, ram_bw_source, gpus, gpu_source)
+    if gpus:
+        known = gpu_bandwidth_for(gpus[0][0])
+        if gpu_bandwidth is not None:
+            machine.gpu_bandwidth, machine.gpu_bandwidth_source = gpu_bandwidth, "given"
+        elif known:
+            machine.gpu_bandwidth, machine.gpu_bandwidth_source = known, f"vendor figure for {gpus[0][0]}"
+        else:
+            machine.gpu_bandwidth = ASSUMED_GPU_BANDWIDTH_GB_S * 1e9
+            machine.gpu_bandwidth_source = "assumed (pass --gpu-bandwidth)"
+    if disk_read is not None:
+        machine.disk_read, machine.disk_source = disk_read, "given"
+    elif disk_files:
+        machine.disk_read = measure_disk_read(disk_files)
+        machine.disk_source = f"measured (sequential read of up to 1 GB of {os.path.dirname(disk_files[0])})"
+    return machine
+
+
+def describe_model(path: str) -> tuple[Grok1Config, str | None, list[str]]:
+    """A model directory's config, quantisation (native only) and weight files."""
+    from .formats import native
+    from .loader import read_config
+
+    if not os.path.isdir(path):
+        raise Grok1Error(f"{path}: no such model directory")
+    config = read_config(path)
+    if native.is_native(path):
+        ckpt = native.NativeCheckpoint(path)
+        return config, ckpt.quant, [os.path.join(path, s) for s in sorted(ckpt.shards)]
+    ckpt_dir = os.path.join(path, "ckpt-0")
+    files = sorted(os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
+    return config, None, files
+
+
 # ---- placements -------------------------------------------------------------------------------------
 
 
