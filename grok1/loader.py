@@ -115,7 +115,7 @@ def load(
     """
     path = os.fspath(path)
     act = resolve_dtype(dtype)
-    target = resolve_device(device)
+    target = resolve_device("cpu" if device is None and max_memory is not None else device)
     started = time.perf_counter()
     if max_memory is not None:
         model = _load_capped(path, act, target, max_memory, verify=verify, progress=progress)

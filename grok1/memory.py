@@ -219,7 +219,7 @@ class StackInfo:
     name: str  # the official path, for messages
     kind: str  # int8 | int4 | bf16
     parts: list[Part]
-    span: int  # buffer bytes one expert needs
+    span: int  # buffer bytes for one expert (the same for every stack, so buffers are interchangeable)
     charge: int  # bytes counted against the budget per expert (int4 adds its repacked kernel copy)
 
 
@@ -269,7 +269,7 @@ class ExpertStore:
         self.entries: dict[tuple[int, int], Entry] = {}
         self.counters = StoreCounters()
         self.allocated = 0  # bytes of buffers held (entries + free list), <= budget
-        self._free: dict[int, list[torch.Tensor]] = {}
+        self._free: dict[tuple[int, int], list[torch.Tensor]] = {}  # (span, charge) -> spare buffers
         self._freq: dict[tuple[int, int], float] = {}
         self._queue: list[_Job] = []
         self._prefetched: dict[int, set[int]] = {}
@@ -561,6 +561,8 @@ class MemoryNeeds:
     resident: int  # attention, routers, norms, embedding in the activation dtype
     expert_total: int  # every expert of every layer, as stored
     per_layer_selected: int  # buffers for the experts one token uses in one layer (page padding included)
+    slot: int  # buffer bytes for one expert of one stack: the largest, so that any buffer fits any expert
+    slot_charge: int  # what one such buffer counts against the budget (int4: plus its repacked copy)
 
     @property
     def minimum(self) -> int:
@@ -579,7 +581,8 @@ def _is_stack(path: str) -> bool:
 def memory_needs(ckpt: native.NativeCheckpoint, config: Grok1Config, act: torch.dtype) -> MemoryNeeds:
     """Resident and streamed bytes of a native checkpoint for activations in `act`."""
     resident = expert_total = 0
-    per_layer: dict[int, int] = {}  # layer -> buffer bytes of one expert of each of its stacks
+    slot = 0
+    stacks_per_layer = len(EXPERT_PARTS)
     for spec in parameter_specs(config).values():
         name = native.base_name(spec)
         if spec.path == "language_model/in_out_embed/embeddings":
@@ -589,13 +592,12 @@ def memory_needs(ckpt: native.NativeCheckpoint, config: Grok1Config, act: torch.
         elif _is_stack(spec.path):
             parts = [ckpt.meta(n) for n in _stack_parts(ckpt, name)]
             expert_total += sum(m.nbytes for m in parts)
-            span = sum(_round_up(m.nbytes // config.num_experts, PAGE) + PAGE for m in parts)
-            layer = int(spec.path.split("/")[1].removeprefix("decoder_layer_"))
-            per_layer[layer] = per_layer.get(layer, 0) + (2 if ckpt.quant == "int4" else 1) * span
+            slot = max(slot, sum(_round_up(m.nbytes // config.num_experts, PAGE) + PAGE for m in parts))
         else:
             resident += sum(ckpt.meta(n).nbytes for n in _stack_parts(ckpt, name))
-    selected = config.num_selected_experts * max(per_layer.values(), default=0)
-    return MemoryNeeds(resident, expert_total, selected)
+    charge = (2 if ckpt.quant == "int4" else 1) * slot
+    selected = config.num_selected_experts * stacks_per_layer * charge
+    return MemoryNeeds(resident, expert_total, selected, slot, charge)
 
 
 def check_max_memory(max_memory: int, needs: MemoryNeeds, act: torch.dtype, what: str = "max_memory",
@@ -662,7 +664,7 @@ def load_streamed(
             elif not spec.quantised:
                 value = read_tensor(reader, name)
             elif _is_stack(spec.path):
-                value = _streamed(store, ckpt, config, spec.path, name)
+                value = _streamed(store, ckpt, config, spec.path, name, needs)
             else:
                 tensors = [read_tensor(reader, n) for n in _stack_parts(ckpt, name)]
                 value = {"int8": Int8Weight, "int4": Int4Weight, "bf16": BF16Weight}[ckpt.quant](*tensors)
@@ -678,7 +680,7 @@ def load_streamed(
 
 
 def _streamed(store: ExpertStore, ckpt: native.NativeCheckpoint, config: Grok1Config, path: str,
-              name: str) -> StreamedWeight:
+              name: str, needs: MemoryNeeds) -> StreamedWeight:
     experts = config.num_experts
     parts = []
     for tensor in _stack_parts(ckpt, name):
@@ -686,9 +688,8 @@ def _streamed(store: ExpertStore, ckpt: native.NativeCheckpoint, config: Grok1Co
         info = ckpt.shards[shard]
         dtype, shape, start, end = info.entries[tensor]
         parts.append(Part(shard, info.data_start + start, (end - start) // experts, dtype, tuple(shape[1:])))
-    span = sum(store.reader.span(p.stride) for p in parts)
-    charge = 2 * span if ckpt.quant == "int4" else span
-    stack = store.add_stack(StackInfo(path, ckpt.quant, parts, span, charge))
+    assert sum(store.reader.span(p.stride) for p in parts) <= needs.slot
+    stack = store.add_stack(StackInfo(path, ckpt.quant, parts, needs.slot, needs.slot_charge))
     part_index = next(i for i, p in enumerate(EXPERT_PARTS) if path.endswith("/" + p))
     _, in_features, out_features = parameter_specs(config)[path].shape
     return StreamedWeight(store, stack, part_index, experts, in_features, out_features)
