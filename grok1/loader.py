@@ -150,7 +150,7 @@ def _load_capped(path: str, act: torch.dtype, target: torch.device, max_memory: 
     if not (os.path.isdir(path) and native.is_native(path)):
         raise Grok1Error(f"{path}: max_memory needs a model in the native format (convert it with `grok1 convert`)")
     config, ckpt = _open_native(path, verify, progress)
-    return load_streamed(path, ckpt, config, act, max_memory, target)
+    return load_streamed(ckpt, config, act, max_memory, target)
 
 
 def _place(model: Grok1, path: str, value: Weight, target: torch.device) -> None:

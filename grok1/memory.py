@@ -10,18 +10,18 @@
 
 The store reads one expert of one stack (its int8 values and its scales: two contiguous byte ranges,
 the native layout being expert-outermost) with `os.preadv`, by default through `O_DIRECT` (no page
-cache copy, so what grok1 holds is what it counts; alignment kept modulo 4096 bytes so the kernels see
-the same addresses as on a memory-mapped model and give bit-identical results). A reader thread works
-through a priority queue: the MoE calls `prefetch(experts)` on each stack right after its router has
-run, so the reads of a layer's experts are queued at once, in the order the experts are computed, and
-the first expert's matmuls overlap the second's read.
+cache copy, so what grok1 holds is what it counts; the data keeps its file offset modulo 4096 bytes, so
+the kernels get operands aligned as on a memory-mapped model and give bit-identical results). A reader
+thread works through a priority queue: the MoE calls `prefetch(experts)` on each stack right after its
+router has run, so the reads of a layer's experts are queued at once, in the order the experts are
+computed, and the first expert's matmuls overlap the second's read.
 
 Everything the store holds (cached experts, experts being read, recycled buffers) stays within its
 byte budget, `max_memory` minus the resident part. When a buffer is needed and the budget is spent,
 the least frequently used expert that no computation holds is evicted (ties: least recently used;
-the counts are halved periodically so that the cache follows a change of topic). A newly read expert
-starts with the lowest count, so it is the first to go unless it is used again: the experts that
-stay are the hottest ones, and a budget that holds only one layer's experts still works (every
+the counts are halved periodically so that the cache follows a change of topic). A rarely used expert
+that was just read has a low count, so it is the first to go unless it keeps being used: the experts
+that stay are the hottest ones, and a budget that holds only one layer's experts still works (every
 expert is then read once per use).
 """
 
@@ -113,11 +113,7 @@ class ShardReader:
         first = start if self.direct else offset
         want = length if self.direct else nbytes
         try:
-            while done < want:
-                got = os.preadv(fd, [view[done:]], first + done)
-                if got == 0:
-                    break
-                done += got
+            done = _pread_fully(fd, view, first, want)
         except OSError as exc:
             if self.direct and exc.errno == 22 and done == 0:  # EINVAL: this file system refuses O_DIRECT
                 self._reopen_buffered(shard)
@@ -151,6 +147,16 @@ class ShardReader:
                 except OSError:
                     pass
             self._fds.clear()
+
+
+def _pread_fully(fd: int, view: memoryview, offset: int, want: int) -> int:
+    done = 0
+    while done < want:
+        got = os.preadv(fd, [view[done:want]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
@@ -637,7 +643,6 @@ def native_needs(path: str, act: torch.dtype) -> tuple[Grok1Config, MemoryNeeds]
 
 
 def load_streamed(
-    path: str,
     ckpt: native.NativeCheckpoint,
     config: Grok1Config,
     act: torch.dtype,
