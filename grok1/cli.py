@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from .config import PRESETS, Grok1Config, preset
 from .errors import Grok1Error
+from .units import human, parse_size
 
 DEMO_PROMPT = "The model reads a sequence of tokens and"
 
@@ -37,7 +38,7 @@ def _world() -> tuple[int, int]:
         raise Grok1Error("RANK and WORLD_SIZE must be integers") from None
 
 
-def _load_for_generate(args: argparse.Namespace, progress: bool):
+def _load_for_generate(args: argparse.Namespace, progress: bool, max_memory: int | None = None):
     """The model, on one device or (under torchrun) this rank's part of it across the process group."""
     from .loader import load
 
@@ -48,7 +49,8 @@ def _load_for_generate(args: argparse.Namespace, progress: bool):
             from .parallel import rank_device
 
             devices = rank_device(args.devices, 0, 1)
-        return load(args.model, dtype=args.dtype, device=devices, progress=progress, exact=args.exact, head=args.head)
+        return load(args.model, dtype=args.dtype, device=devices, progress=progress, exact=args.exact, head=args.head,
+                    max_memory=max_memory)
     from . import parallel
 
     if args.head != "bf16":
@@ -82,9 +84,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise Grok1Error("--token-ids is empty")
 
     rank, world = _world()
+    weights_budget = None
+    if args.max_memory is not None:
+        if world > 1:
+            raise Grok1Error("--max-memory is not available across several processes yet")
+        weights_budget = _weights_budget(args, len(prompt_ids))
     started = time.perf_counter()
-    model = _load_for_generate(args, progress=not args.json and rank == 0)
+    model = _load_for_generate(args, progress=not args.json and rank == 0, max_memory=weights_budget)
     load_s = time.perf_counter() - started
+    store = getattr(model, "expert_store", None)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise Grok1Error(
             f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}"
@@ -100,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(args.prompt)
         out.flush()
     finish_reason = "length"
+    after_prefill: tuple[dict, int | None] | None = None
     for token in stream(
         model,
         prompt_ids,
@@ -112,6 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stats=stats,
     ):
         new_ids.append(token)
+        if after_prefill is None:  # decode counters start after the prompt has been processed
+            after_prefill = (store.snapshot() if store is not None else {}, io_read_bytes())
         if token == model.config.eos_token and not args.ignore_eos:
             finish_reason = "stop"
         if decoder is None:
@@ -139,6 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(new_ids),
+        **_memory_stats(store, after_prefill, stats.decode_steps),
     }
     if world > 1:
         stats_obj["ranks"] = world
@@ -159,10 +171,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(
             f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} new; load {load_s:.2f} s, "
             f"prefill {stats.prefill_tokens_per_s:.1f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s, "
-            f"peak RSS {stats_obj['peak_rss_mb']:.0f} MB]",
+            f"peak RSS {stats_obj['peak_rss_mb']:.0f} MB{_memory_summary(stats_obj)}]",
             file=sys.stderr,
         )
     return 0
+
+
+def io_read_bytes() -> int | None:
+    """Bytes this process has read from storage (Linux /proc/self/io), None where unavailable."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _weights_budget(args: argparse.Namespace, prompt_tokens: int) -> int:
+    """--max-memory less this run's KV cache: what the weights may use (checked against the model)."""
+    from .loader import resolve_dtype
+    from .memory import check_max_memory, kv_cache_bytes, native_needs
+
+    limit = parse_size(args.max_memory, "--max-memory")
+    if args.model.lower().endswith(".gguf") or not os.path.isdir(args.model):
+        raise Grok1Error(f"{args.model}: --max-memory needs a model in the native format (convert it with `grok1 convert`)")
+    act = resolve_dtype(args.dtype)
+    config, needs = native_needs(args.model, act)
+    tokens = min(config.sequence_len, prompt_tokens + args.max_new_tokens)
+    kv = kv_cache_bytes(config, tokens, act)
+    return check_max_memory(limit, needs, act, "--max-memory", kv, f"the KV cache of {tokens} tokens")
+
+
+def _memory_stats(store, after_prefill: tuple[dict, int | None] | None, decode_steps: int) -> dict:
+    """Disk reads and expert cache hits per decoded token (the prompt's excluded)."""
+    out: dict = {"bytes_read_per_token": None, "expert_cache_hit_rate": None}
+    if after_prefill is None or decode_steps == 0:
+        return out
+    start, io_start = after_prefill
+    io_now = io_read_bytes()
+    if store is not None:
+        now = store.snapshot()
+        requests = (now["hits"] - start["hits"]) + (now["misses"] - start["misses"])
+        out["bytes_read_per_token"] = round((now["bytes_read"] - start["bytes_read"]) / decode_steps)
+        out["expert_cache_hit_rate"] = round((now["hits"] - start["hits"]) / requests, 4) if requests else None
+        out["expert_reads_per_token"] = round((now["reads"] - start["reads"]) / decode_steps, 2)
+        out["expert_stall_s"] = round(now["stall_s"] - start["stall_s"], 3)
+        out["expert_budget_bytes"] = store.budget
+    elif io_now is not None and io_start is not None:
+        out["bytes_read_per_token"] = round((io_now - io_start) / decode_steps)  # page faults on the mapping
+    if io_now is not None and io_start is not None:
+        out["io_read_bytes_per_token"] = round((io_now - io_start) / decode_steps)
+    return out
+
+
+def _memory_summary(stats: dict) -> str:
+    if stats.get("expert_cache_hit_rate") is None:
+        return ""
+    return (f"; {human(stats['bytes_read_per_token'])} read per decoded token, "
+            f"expert cache hit rate {100 * stats['expert_cache_hit_rate']:.0f} %")
 
 
 def _synth_config(args: argparse.Namespace) -> Grok1Config:
@@ -220,22 +288,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_generate(gen_args)
     print("\nThe weights are random: the text above is noise. Point --model at a real checkpoint for real text.")
     return 0
-
-
-def parse_size(text: str) -> int:
-    """'4GB' -> 4e9 bytes, '512MiB' -> 512 * 2**20; a bare number is bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise Grok1Error(f"cannot read the size {text!r} (examples: 4GB, 512MiB)") from None
-    if unit not in units or value <= 0:
-        raise Grok1Error(f"cannot read the size {text!r} (examples: 4GB, 512MiB)")
-    return int(value * units[unit])
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -299,6 +351,50 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             f"reference perplexity {result['reference_perplexity']:.4f}; mean KL(reference || model) "
             f"{result['mean_kl']:.5f} nats; top-1 agreement {100 * result['top1_agreement']:.2f} %"
         )
+    return 0
+
+
+def _gpu_spec(text: str) -> list[tuple[str, int]]:
+    """'80GB' -> one GPU, '80GBx8' -> eight, 'none' or '0' -> none."""
+    if text.strip().lower() in ("none", "0", ""):
+        return []
+    size, _, count = text.lower().partition("x")
+    try:
+        n = int(count) if count else 1
+    except ValueError:
+        raise Grok1Error(f"--gpu: cannot read {text!r} (examples: 80GB, 80GBx8, none)") from None
+    if n <= 0:
+        raise Grok1Error(f"--gpu: the count must be positive, got {text!r}")
+    return [("GPU", parse_size(size, "--gpu size"))] * n
+
+
+def _rate_arg(text: str, what: str) -> float:
+    try:
+        value = float(text.strip().upper().removesuffix("GB/S"))
+    except ValueError:
+        raise Grok1Error(f"{what}: cannot read {text!r} as GB/s (e.g. 2.5)") from None
+    if not value > 0:
+        raise Grok1Error(f"{what} must be positive, got {text!r}")
+    return value * 1e9
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import plan
+
+    if args.model is not None:
+        config, quant, files = plan.describe_model(args.model)
+    else:
+        config, quant, files = preset(args.preset), None, []
+    machine = plan.describe_machine(
+        ram=parse_size(args.ram, "--ram") if args.ram is not None else None,
+        gpus=_gpu_spec(args.gpu) if args.gpu is not None else None,
+        ram_bandwidth=_rate_arg(args.ram_bandwidth, "--ram-bandwidth") if args.ram_bandwidth else None,
+        gpu_bandwidth=_rate_arg(args.gpu_bandwidth, "--gpu-bandwidth") if args.gpu_bandwidth else None,
+        disk_read=_rate_arg(args.disk_read, "--disk-read") if args.disk_read else None,
+        disk_files=files,
+    )
+    result = plan.report(config, args.quant or quant or "int8", machine, args.context)
+    print(json.dumps(result) if args.json else plan.format_report(result))
     return 0
 
 
@@ -378,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens even after EOS")
     g.add_argument("--add-bos", action="store_true", help="prepend BOS (the official runner does not)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="cap on the memory for weights and this run's KV cache, e.g. 8GB (native models): "
+                   "attention, router, norm and embedding weights stay in memory, experts are read from the "
+                   "files as tokens select them, the most used ones kept in the rest")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 
@@ -446,6 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="server log level (debug also logs every request)")
     v.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("plan", help="memory a model needs and which placements fit this machine, with predicted tok/s")
+    which = pl.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model directory (native or release layout): its config and files")
+    which.add_argument("--preset", choices=sorted(PRESETS), default="grok-1", help="a built-in config (default grok-1)")
+    pl.add_argument("--quant", choices=["int8", "int4", "bf16"], help="projections' quantisation (default: the model's, else int8)")
+    pl.add_argument("--ram", metavar="SIZE", help="RAM to plan for, e.g. 64GB (default: detected)")
+    pl.add_argument("--gpu", metavar="SIZE[xN]", help="GPU memory per device and count, e.g. 80GBx8, or none (default: detected)")
+    pl.add_argument("--disk-read", metavar="GB/s", help="disk read speed (default: measured on --model's files, else unknown)")
+    pl.add_argument("--ram-bandwidth", metavar="GB/s", help="CPU memory bandwidth (default: measured)")
+    pl.add_argument("--gpu-bandwidth", metavar="GB/s", help="memory bandwidth per GPU (default: known for common GPUs)")
+    pl.add_argument("--context", type=int, help="tokens of KV cache to plan for (default: the model's context)")
+    pl.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="write a miniature random-weight model and generate from it")
     d.add_argument("--dir", default="demo-model")

@@ -94,6 +94,7 @@ def load(
     verify: bool = False,
     exact: bool = False,
     head: str = "bf16",
+    max_memory: int | str | None = None,
 ) -> Grok1:
     """Loads a model: a native directory (memory-mapped safetensors, see `grok1 convert`), a directory
     in the release layout (`ckpt-0/`, optional `config.json`), or a GGUF file of llama.cpp's `grok`
@@ -105,6 +106,11 @@ def load(
     is mapped, not read: no weight bytes are touched until a layer uses them, unless `verify=True`,
     which first checks every tensor's checksum.
 
+    `max_memory` (bytes, or a size such as "8GB") caps the memory the weights of a native model
+    occupy: the attention, router, norm and embedding weights are read into memory, and the experts
+    are read from the files when a token selects them, into a cache of what remains (`grok1.memory`).
+    The KV cache and activations come on top. Too small a cap is refused with the size needed.
+
     Arithmetic: float32 always runs the fidelity path (the official code's: weights bf16(q*s),
     dequantised inside each matmul). bfloat16 runs the fast path (weight-only int8/int4 kernels that
     apply the scales after accumulating) unless `exact=True`, which keeps the fidelity path.
@@ -112,9 +118,11 @@ def load(
     """
     path = os.fspath(path)
     act = resolve_dtype(dtype)
-    target = resolve_device(device)
+    target = resolve_device("cpu" if device is None and max_memory is not None else device)
     started = time.perf_counter()
-    if os.path.isdir(path) and native.is_native(path):
+    if max_memory is not None:
+        model = _load_capped(path, act, target, max_memory, verify=verify, progress=progress)
+    elif os.path.isdir(path) and native.is_native(path):
         model = _load_native(path, act, target, verify=verify, progress=progress)
     else:
         config, items, total = read_weights(path)
@@ -131,6 +139,29 @@ def load(
     model.eval()
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def _open_native(path: str, verify: bool, progress: bool) -> tuple[Grok1Config, native.NativeCheckpoint]:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: a native model needs its config.json")
+    config = read_config(path)
+    ckpt = native.NativeCheckpoint(path)
+    problems = ckpt.check_layout(config)
+    if verify:
+        problems += ckpt.verify_checksums(progress=progress)
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    return config, ckpt
+
+
+def _load_capped(path: str, act: torch.dtype, target: torch.device, max_memory: int | str, verify: bool,
+                 progress: bool) -> Grok1:
+    from .memory import load_streamed
+
+    if not (os.path.isdir(path) and native.is_native(path)):
+        raise Grok1Error(f"{path}: max_memory needs a model in the native format (convert it with `grok1 convert`)")
+    config, ckpt = _open_native(path, verify, progress)
+    return load_streamed(ckpt, config, act, max_memory, target)
 
 
 def _place(model: Grok1, path: str, value: Weight, target: torch.device) -> None:
@@ -154,15 +185,7 @@ def _load_items(
 
 
 def _load_native(path: str, act: torch.dtype, target: torch.device, verify: bool, progress: bool) -> Grok1:
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: a native model needs its config.json")
-    config = read_config(path)
-    ckpt = native.NativeCheckpoint(path)
-    problems = ckpt.check_layout(config)
-    if verify:
-        problems += ckpt.verify_checksums(progress=progress)
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    config, ckpt = _open_native(path, verify, progress)
     model = Grok1(config, activation_dtype=act)
     for spec in parameter_specs(config).values():
         if spec.path == "language_model/in_out_embed/embeddings":

@@ -253,6 +253,10 @@ class MoE(nn.Module):
                     rows.append(row)
                     slots.append(slot)
         expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
+        selected = list(groups)
+        for weight in (self.linear, self.linear_v, self.linear_1):
+            if hasattr(weight, "prefetch"):  # weights read from disk on demand start reading these now
+                weight.prefetch(selected)
         for expert, (rows, slots) in groups.items():
             expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert - self.local_experts.start)
         # §6.3: gates rounded to bf16, f32 sum over the selected experts, output always bf16.
