@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -78,3 +79,20 @@ def run_sampled(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Com
         sys.stderr.write(err)
         raise SystemExit(f"command failed: {' '.join(cmd)}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), elapsed, sampler
+
+
+def mid_models(workdir: str) -> tuple[str, dict[str, str]]:
+    """The `mid` preset in the release layout and converted to native int8 and int4 (made once, reused)."""
+    from grok1.config import PRESETS
+    from grok1.convert import convert_to_native
+    from grok1.synth import write_release
+
+    release = os.path.join(workdir, "mid-release")
+    if not os.path.isfile(os.path.join(release, "config.json")):
+        write_release(release, PRESETS["mid"], seed=0, force=True)
+    paths = {}
+    for quant in ("int8", "int4"):
+        paths[quant] = os.path.join(workdir, f"mid-{quant}")
+        if not os.path.isfile(os.path.join(paths[quant], "config.json")):
+            convert_to_native(release, paths[quant], quant=quant, force=True, progress=False)
+    return release, paths

@@ -14,13 +14,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import save, table  # noqa: E402
+from common import mid_models, save, table  # noqa: E402
 
 import grok1  # noqa: E402
 from grok1.config import PRESETS  # noqa: E402
-from grok1.convert import convert_to_native  # noqa: E402
 from grok1.generate import GenerationStats, SamplingParams, stream_batch  # noqa: E402
-from grok1.synth import write_release  # noqa: E402
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -120,14 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = PRESETS["mid"]
-    release = os.path.join(args.workdir, "mid-release")
-    if not os.path.isfile(os.path.join(release, "config.json")):
-        write_release(release, config, seed=0, force=True)
-    paths = {}
-    for quant in ("int8", "int4"):
-        paths[quant] = os.path.join(args.workdir, f"mid-{quant}")
-        if not os.path.isfile(os.path.join(paths[quant], "config.json")):
-            convert_to_native(release, paths[quant], quant=quant, force=True, progress=False)
+    release, paths = mid_models(args.workdir)
     bandwidth = read_bandwidth(args.threads)
     prompt = torch.randint(3, config.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     results: dict = {"threads": args.threads, "read_bandwidth_gb_s": bandwidth, "config": "mid"}

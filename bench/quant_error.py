@@ -13,13 +13,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import save, table  # noqa: E402
+from common import mid_models, save, table  # noqa: E402
 
 import grok1  # noqa: E402
 from grok1.config import PRESETS  # noqa: E402
-from grok1.convert import convert_to_native  # noqa: E402
 from grok1.metrics import compare_logits  # noqa: E402
-from grok1.synth import write_release  # noqa: E402
 
 
 def main() -> None:
@@ -29,14 +27,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     config = PRESETS["mid"]
-    release = os.path.join(args.workdir, "mid-release")
-    if not os.path.isfile(os.path.join(release, "config.json")):
-        write_release(release, config, seed=0, force=True)
-    paths = {}
-    for quant in ("int8", "int4"):
-        paths[quant] = os.path.join(args.workdir, f"mid-{quant}")
-        if not os.path.isfile(os.path.join(paths[quant], "config.json")):
-            convert_to_native(release, paths[quant], quant=quant, force=True, progress=False)
+    release, paths = mid_models(args.workdir)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, config.vocab_size, (args.prompts, args.tokens), generator=gen)
     logits = {}
