@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from common import PeakSampler, drop_page_cache, save, table  # noqa: E402
 from grok1 import plan  # noqa: E402
 from grok1.config import Grok1Config, preset  # noqa: E402
 from grok1.convert import convert_to_native  # noqa: E402
+from grok1.plan import measure_disk_read  # noqa: E402
 from grok1.synth import write_release  # noqa: E402
 from grok1.units import parse_size  # noqa: E402
 
@@ -67,37 +67,9 @@ def native_bytes(native: str) -> int:
 
 
 def disk_rates(files: list[str], limit: int = 2 * 10**9) -> dict[str, float]:
-    return {"buffered 8MiB": sequential_read_rate(files, limit, direct=False),
-            "O_DIRECT 8MiB": sequential_read_rate(files, limit, direct=True),
-            "O_DIRECT 64MiB": sequential_read_rate(files, limit, direct=True, block=64 * 2**20)}
-
-
-def sequential_read_rate(files: list[str], limit: int, direct: bool, block: int = 8 * 2**20) -> float:
-    """Bytes/s reading the files front to back (after dropping them from the page cache)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-    buf = mmap.mmap(-1, block)
-    done = 0
-    started = time.perf_counter()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-        offset = 0
-        try:
-            while done < limit:
-                got = os.preadv(fd, [buf], offset)
-                if got <= 0:
-                    break
-                offset += got
-                done += got
-        finally:
-            if not direct:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        if done >= limit:
-            break
-    return done / (time.perf_counter() - started)
+    return {"buffered 8MiB": measure_disk_read(files, limit, direct=False),
+            "O_DIRECT 8MiB": measure_disk_read(files, limit),
+            "O_DIRECT 64MiB": measure_disk_read(files, limit, block=64 * 2**20)}
 
 
 class MemoryCgroup:

@@ -487,11 +487,4 @@ def attention_score_bytes(config: Grok1Config, batch: int, queries: int, keys: i
     return min(queries, chunk) * row
 
 
-def num_active_parameters(config: Grok1Config) -> int:
-    d = config.emb_size
-    attention = d * config.q_proj_size * 2 + d * config.kv_proj_size * 2
-    experts = config.num_selected_experts * 3 * d * config.ffn_size
-    return config.vocab_size * d + config.num_layers * (attention + experts + d * config.num_experts + 4 * d) + d
-
-
 __all__ = ["Grok1", "KVCache", "ParamSpec", "parameter_specs"]

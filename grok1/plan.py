@@ -205,15 +205,18 @@ def measure_ram_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
     return best
 
 
-def measure_disk_read(files: list[str], limit: int = 10**9, block: int = 8 * 2**20) -> float:
+def measure_disk_read(files: list[str], limit: int = 10**9, block: int = 8 * 2**20, direct: bool = True) -> float:
     """Sequential read speed of these files (bytes/s), with O_DIRECT where possible so that cached
-    pages do not count."""
+    pages do not count (`direct=False`: through the page cache, the files' cached pages dropped first)."""
+    if not direct:
+        for path in files:
+            _drop_cached(path)
     buf = mmap.mmap(-1, block)
     done = 0
     started = time.perf_counter()
     try:
         for path in files:
-            flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+            flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
             try:
                 fd = os.open(path, flags)
             except OSError:
@@ -233,6 +236,8 @@ def measure_disk_read(files: list[str], limit: int = 10**9, block: int = 8 * 2**
                     done += got
             finally:
                 os.close(fd)
+                if not direct:
+                    _drop_cached(path)
             if done >= limit:
                 break
     finally:
@@ -241,6 +246,14 @@ def measure_disk_read(files: list[str], limit: int = 10**9, block: int = 8 * 2**
     if done == 0 or elapsed <= 0:
         raise Grok1Error("no model bytes to time the disk with; pass --disk-read GB/s")
     return done / elapsed
+
+
+def _drop_cached(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def describe_machine(

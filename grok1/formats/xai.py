@@ -156,11 +156,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent references are not part of the release format")
 
 
-def release_shape(value: Int8Weight) -> tuple[int, ...]:
-    """The logical [..., in, out] shape of a quantised weight."""
-    return (*value.qweight.shape[:-3], value.in_features, value.out_features)
-
-
 @dataclass
 class LoadedTensor:
     spec: ParamSpec
