@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "list indexed by the local rank (default: cuda when the host has a GPU per rank, else cpu)")
     g.add_argument("--exact", action="store_true",
                    help="bfloat16 with the official arithmetic instead of the fast kernels (float32 always is exact)")
-    g.add_argument("--head", choices=["bf16", "int8"], default="bf16",
+    g.add_argument("--head", choices=["bf16", "int8", "int4"], default="bf16",
                    help="fast path: logits from the bf16 embedding (exact) or an int8 copy (lossy, fewer bytes)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="run to --max-new-tokens even after EOS")

@@ -114,7 +114,8 @@ def load(
     Arithmetic: float32 always runs the fidelity path (the official code's: weights bf16(q*s),
     dequantised inside each matmul). bfloat16 runs the fast path (weight-only int8/int4 kernels that
     apply the scales after accumulating) unless `exact=True`, which keeps the fidelity path.
-    `head="int8"` makes the fast path compute the logits from an int8 copy of the embedding (lossy).
+    `head="int8"` or `"int4"` makes the fast path compute the logits from a quantised copy of the
+    embedding (lossy; llama.cpp's Q8_0 / Q4_0 files quantise it the same way).
     """
     path = os.fspath(path)
     act = resolve_dtype(dtype)
@@ -128,10 +129,10 @@ def load(
         config, items, total = read_weights(path)
         model = _load_items(config, items, total, act, target, progress)
     model.use_fast_kernels(act == torch.bfloat16 and not exact)
-    if head not in ("bf16", "int8"):
-        raise Grok1Error(f"unknown head {head!r}; use bf16 or int8")
-    if head == "int8" and model.fast:
-        model.quantize_head()
+    if head not in ("bf16", "int8", "int4"):
+        raise Grok1Error(f"unknown head {head!r}; use bf16, int8 or int4")
+    if head != "bf16" and model.fast:
+        model.quantize_head(head)
     if model.fast:
         for module in model.modules():
             if isinstance(module, Int4Weight):

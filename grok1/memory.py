@@ -547,10 +547,16 @@ class StreamedWeight(nn.Module):
             return module.dequantize(0)
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        with self.resident(expert) as module:
+            return module.linear(x, 0)
+
+    @contextmanager
+    def resident(self, expert: int | None) -> Iterator[nn.Module]:
+        """The expert's weight module (a stack of one), held in memory for the block."""
         if expert is None:
             raise ValueError("a stack of experts needs the expert's index")
         with self.store.use(self.stack, int(expert)) as module:
-            return module.linear(x, 0)
+            yield module
 
     def extra_repr(self) -> str:
         info = self.store.stacks[self.stack]

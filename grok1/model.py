@@ -12,15 +12,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import Grok1Config
-from .quant import Int8Weight
+from .quant import Int4Weight, Int8Weight, geglu, gelu_tanh, quantize_int4
 
 MASKED_LOGIT = -1e30  # the official fill value: a fully masked row softmaxes to uniform weights, not NaN
 # Attention is evaluated in query chunks so that the [heads, queries, keys] score tensor stays below this.
 ATTENTION_SCORE_BUDGET_BYTES = 256 * 1024 * 1024
+KEY_SPAN_STEP = 64
 
 ROW_PARALLEL = ("multi_head_attention/linear", "moe/linear_1")
 
@@ -191,11 +192,6 @@ class Attention(nn.Module):
         return out if self.reduce is None else self.reduce(out)
 
 
-def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
-    """jax.nn.gelu's default (approximate=True)."""
-    return F.gelu(u, approximate="tanh")
-
-
 class MoE(nn.Module):
     """§6: fp32 router softmax, top-k on the probabilities, un-renormalised gates, GeGLU experts.
 
@@ -229,22 +225,17 @@ class MoE(nn.Module):
         if self.fast:
             # Weight-only kernels take activations in act, so the GeGLU product is rounded to act
             # before the down projection (the fidelity path keeps it in float32).
-            gate_proj = self.linear.linear(x, expert).float()
-            up_proj = self.linear_v.linear(x, expert).float()
-            hidden = (up_proj * gelu_tanh(gate_proj)).to(act)
+            hidden = geglu(self.linear, self.linear_v, x, expert)
             return self.linear_1.linear(hidden, expert).float()
         gate_proj = (x @ self.linear.dequantize(expert).to(act)).float()
         up_proj = (x @ self.linear_v.dequantize(expert).to(act)).float()
         hidden = up_proj * gelu_tanh(gate_proj)
         return hidden @ self.linear_1.dequantize(expert).float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.reshape(b * t, d)
-        gates, experts = self.route(tokens)
-        # Group the (token, slot) pairs by expert on the host (the one sync a MoE layer needs), so each
-        # chosen expert runs once on all its tokens. With expert parallelism a rank runs only its own
-        # experts and leaves the other slots zero; the reduce below adds the other ranks' shares.
+    def group_by_expert(self, experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
+        """(rows, slots) routed to each of this rank's experts. Grouping happens on the host (the one
+        sync a MoE layer needs), so each chosen expert runs once on all its tokens. With expert
+        parallelism a rank runs only its own experts; the reduce adds the other ranks' shares."""
         groups: dict[int, tuple[list[int], list[int]]] = {}
         for row, chosen in enumerate(experts.tolist()):
             for slot, expert in enumerate(chosen):
@@ -252,11 +243,17 @@ class MoE(nn.Module):
                     rows, slots = groups.setdefault(expert, ([], []))
                     rows.append(row)
                     slots.append(slot)
-        expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
-        selected = list(groups)
         for weight in (self.linear, self.linear_v, self.linear_1):
             if hasattr(weight, "prefetch"):  # weights read from disk on demand start reading these now
-                weight.prefetch(selected)
+                weight.prefetch(list(groups))
+        return groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        gates, experts = self.route(tokens)
+        groups = self.group_by_expert(experts)
+        expert_out = torch.zeros(b * t, gates.shape[1], d, dtype=torch.float32, device=x.device)
         for expert, (rows, slots) in groups.items():
             expert_out[rows, slots] = self.expert_ffn(tokens[rows], expert - self.local_experts.start)
         # §6.3: gates rounded to bf16, f32 sum over the selected experts, output always bf16.
@@ -264,6 +261,27 @@ class MoE(nn.Module):
         if self.reduce is not None:
             combined = self.reduce(combined)  # every rank's experts' share, still float32
         return combined.to(torch.bfloat16).view(b, t, d)
+
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Fast decode path (grok1/kernels.py): x bfloat16 [N, D] -> the gated expert sum, float32
+        [N, D] (every rank's share). Same steps as `forward`, with the routing, each int8 expert and
+        its gated accumulation done in one call each."""
+        gates, experts = kernels.route(x, self.router, self.config.num_selected_experts)
+        groups = self.group_by_expert(experts)
+        gate_rows = gates.tolist()
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        int8 = all(isinstance(w, Int8Weight) for w in (self.linear, self.linear_v, self.linear_1))
+        for expert, (rows, slots) in groups.items():
+            local = expert - self.local_experts.start
+            weights = [gate_rows[r][s] for r, s in zip(rows, slots, strict=True)]
+            if int8:
+                kernels.int8_expert_add(x, rows, weights, self.linear, self.linear_v, self.linear_1, local, out)
+            else:
+                index = torch.tensor(rows)
+                gated = torch.tensor(weights)[:, None] * self.expert_ffn(x[index], local)
+                out.index_add_(0, index, gated)
+        return out if self.reduce is None else self.reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -289,6 +307,31 @@ class DecoderLayer(nn.Module):
         h = h + self.rms_norm_1(self.attn(self.rms_norm(h), positions, mask, kv_cache, angles))
         # The MoE output is bf16, so its post-norm is bf16 too; in f32 mode the add promotes to f32.
         h = h + self.rms_norm_3(self.moe(self.rms_norm_2(h)))
+        return h
+
+    def decode(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        key_valid: torch.Tensor,
+        span: int,
+        angles: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Fast path for one new token per row (h bfloat16 [B, D], positions [B]): the steps of
+        `forward`, with the small operations between the matrix products fused (grok1/kernels.py)."""
+        attn, eps = self.attn, self.rms_norm.eps
+        cfg = attn.config
+        x = kernels.rms_norm(h, self.rms_norm.scale, eps)
+        q, k, v = attn.query.linear(x), attn.key.linear(x), attn.value.linear(x)
+        cos, sin = (a.reshape(h.shape[0], -1) for a in angles)
+        attended = kernels.attention_decode(q, k, v, cos, sin, *kv_cache, positions, key_valid, span,
+                                            cfg.attn_output_multiplier, cfg.attn_logit_softcap)
+        out = attn.linear.linear(attended)
+        if attn.reduce is not None:
+            out = attn.reduce(out)
+        h, x = kernels.add_rms_norm(h, out, self.rms_norm_1.scale, self.rms_norm_2.scale, eps)
+        h, _ = kernels.add_rms_norm(h, self.moe.decode(x), self.rms_norm_3.scale, None, eps)
         return h
 
 
@@ -337,7 +380,7 @@ class Grok1(nn.Module):
         self.config = config
         self.activation_dtype = activation_dtype
         self.embeddings: torch.Tensor | None = None  # [V, D], also the output projection
-        self.head: Int8Weight | None = None  # optional int8 copy of the table for the fast path's logits
+        self.head: Int8Weight | Int4Weight | None = None  # optional quantised table for the fast path's logits
         self.rms_norm = RMSNorm(config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.vocab_shard = None  # vocab-parallel lookup and logits gather (grok1/parallel.py)
@@ -410,9 +453,13 @@ class Grok1(nn.Module):
     def fast(self) -> bool:
         return self.layers[0].attn.fast if len(self.layers) else False
 
-    def quantize_head(self) -> Grok1:
-        """Fast path only: compute the logits from an int8 copy of the tied embedding (per-row scales;
-        lossy, halves the head's bytes per token)."""
+    def quantize_head(self, kind: str = "int8") -> Grok1:
+        """Fast path only: compute the logits from a quantised copy of the tied embedding (lossy):
+        int8 with one scale per row (half the bf16 head's bytes per token) or int4 in groups of 32
+        (Q4_0's rule, about a quarter)."""
+        if kind == "int4":
+            self.head = quantize_int4(self.embeddings)
+            return self
         table = self.embeddings.float()
         scales = (table.abs().amax(dim=1) / 127.0).clamp_min(1e-12).to(torch.bfloat16)
         q = torch.clamp(torch.round(table / scales.float()[:, None]), -127, 127).to(torch.int8)
@@ -446,6 +493,10 @@ class Grok1(nn.Module):
         tokens = tokens.to(device)
         is_token = tokens > cfg.pad_token  # §3.1: only keys are masked by padding
         steps = torch.arange(t, device=device)
+        # One new token per row on the fast path: fused CPU steps (grok1/kernels.py) take the cache's
+        # validity row and positions directly, so no mask is built.
+        fused_decode = (cache is not None and t == 1 and self.fast and act == torch.bfloat16
+                        and kernels.serves(b, device))
         if cache is None:
             positions = steps.expand(b, t)
             causal = steps[None, :, None] >= steps[None, None, :]
@@ -454,26 +505,39 @@ class Grok1(nn.Module):
             if start_pos is None:
                 raise ValueError("a KV cache needs start_pos")
             positions = start_pos.to(device)[:, None] + steps
-            span = int(positions.max()) + 1
-            if span > cache.max_len:
-                raise ValueError(f"position {span - 1} is beyond the KV cache length {cache.max_len}")
+            last = int(positions.max())
+            if last >= cache.max_len:
+                raise ValueError(f"position {last} is beyond the KV cache length {cache.max_len}")
+            # Attend over a key span rounded up to a multiple of KEY_SPAN_STEP (the extra slots are
+            # masked): the score shapes then change every KEY_SPAN_STEP decode steps, not every step,
+            # so the CPU matmul libraries reuse their prepared kernels.
+            span = min(cache.max_len, -(-(last + 1) // KEY_SPAN_STEP) * KEY_SPAN_STEP)
             rows = torch.arange(b, device=device)[:, None].expand(b, t)
             cache.key_valid[rows, positions] = is_token
-            slots = torch.arange(span, device=device)
-            mask = cache.key_valid[:, None, :span] & (slots[None, None, :] <= positions[:, :, None])
+            if not fused_decode:
+                slots = torch.arange(span, device=device)
+                mask = cache.key_valid[:, None, :span] & (slots[None, None, :] <= positions[:, :, None])
 
         shard = self.vocab_shard
         rows = self.embeddings[tokens] if shard is None else shard.lookup(self.embeddings, tokens)
         h = rows.to(act) * scalar(cfg.embedding_multiplier_scale, act, device)
         angles = rope_angles(positions, cfg.key_size, cfg.rope_base)
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = layer(h, positions, mask, kv, angles)
+        if fused_decode:
+            h = h.view(b, -1)
+            for i, layer in enumerate(self.layers):
+                h = layer.decode(h, positions[:, 0], (cache.k[i], cache.v[i]), cache.key_valid, span, angles)
+            h = h.view(b, 1, -1)
+        else:
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                h = layer(h, positions, mask, kv, angles)
         if logits_index is not None:
             h = h[torch.arange(b, device=device), logits_index.to(device)][:, None, :]
         y = self.rms_norm(h)
         if self.head is not None and self.fast and shard is None:
             logits = self.head.linear(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
+        elif fused_decode and self.embeddings.dtype == torch.bfloat16:
+            logits = kernels.bf16_linear(y.view(b, -1), self.embeddings).view(b, 1, -1)
         else:
             logits = y @ self.embeddings.to(act).T
         logits = (logits * scalar(cfg.output_multiplier_scale, act, device)).float()

@@ -19,8 +19,13 @@ rows b*in/blocks .. (b+1)*in/blocks - 1. `Int8Weight` keeps that structure: `qwe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+from . import kernels
 
 INT4_GROUP = 32
 
@@ -87,6 +92,8 @@ class Int8Weight(nn.Module):
         """Fast path: `x @ W` ([M, in] -> [M, out], x's dtype) with a weight-only int8 kernel that applies
         the scales after accumulation (not the official bf16(q*s) rounding). Blocks are summed in
         float32 and rounded once."""
+        if kernels.applies(x):
+            return kernels.int8_linear(x, self.qweight, self.scales, expert)
         q = self.qweight if expert is None else self.qweight[expert]
         s = self.scales if expert is None else self.scales[expert]
         g, _, kb = q.shape
@@ -200,6 +207,34 @@ class BF16Weight(nn.Module):
 
 
 QuantizedWeight = Int8Weight | Int4Weight | BF16Weight
+
+
+@contextmanager
+def resident(weight: nn.Module, expert: int | None) -> Iterator[tuple[nn.Module, int | None]]:
+    """(module, index) holding an expert's weights in memory for the block: the weight itself, or for
+    weights read from disk on demand (grok1/memory.py) the expert's module just read."""
+    if hasattr(weight, "resident"):
+        with weight.resident(expert) as module:
+            yield module, 0
+    else:
+        yield weight, expert
+
+
+def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
+    """jax.nn.gelu's default (approximate=True)."""
+    return torch.nn.functional.gelu(u, approximate="tanh")
+
+
+def geglu(gate: QuantizedWeight, up: QuantizedWeight, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+    """Fast path: gelu_tanh(x @ W_gate) * (x @ W_up), rounded to x's dtype (the down projection's
+    input). Two int8 matrices at decode sizes are read in one pass by grok1's own kernel."""
+    if kernels.applies(x):
+        with resident(gate, expert) as (gate_w, index), resident(up, expert) as (up_w, _):
+            if isinstance(gate_w, Int8Weight) and isinstance(up_w, Int8Weight):
+                return kernels.int8_geglu(x, gate_w, up_w, index)
+    gate_proj = gate.linear(x, expert).float()
+    up_proj = up.linear(x, expert).float()
+    return (up_proj * gelu_tanh(gate_proj)).to(x.dtype)
 
 _INT8_KERNEL_FAILED: set[str] = set()
 

@@ -1,0 +1,467 @@
+// grok1's CPU kernels for the fast decode path (one new token per sequence).
+//
+// Weight-only int8 matrix-vector products:
+// The release's row-parallel matrices carry one bfloat16 scale per (row block, output column), which
+// no single-scale kernel can apply. These kernels read the int8 values once, keep a float32 partial sum
+// per scale block, apply that block's scale and add the blocks in float32: one pass over the weights,
+// one call per matrix (or per pair of matrices for the gated projections of an expert).
+//
+// Layouts (grok1/quant.py, Int8Weight): q [blocks, out, in/blocks] int8, s [blocks, out] bfloat16,
+// x [M, in]. Work is split over output columns with ATen's thread pool, so it shares torch's threads.
+//
+// The rest fuses the small steps between the matrix products (RMS norms with their residual add,
+// RoPE + KV-cache write + attention for one query, the router's softmax and top-k, the gated sum of
+// the experts' outputs), each of which would otherwise be several separate tensor operations. They
+// follow the fast path's arithmetic in grok1/model.py: float32 inside, rounding to bfloat16 where the
+// model rounds.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GROK1_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GROK1_AVX2 1
+#endif
+
+namespace {
+
+// sum_k x[k] * q[k], float32 accumulation.
+inline float dot_f32_i8(const float* __restrict x, const int8_t* __restrict q, int64_t n) {
+  int64_t k = 0;
+  float total = 0.0f;
+#if defined(GROK1_AVX512)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+  for (; k + 64 <= n; k += 64) {
+    __m512i bytes = _mm512_loadu_si512(reinterpret_cast<const void*>(q + k));
+    __m128i b0 = _mm512_extracti32x4_epi32(bytes, 0), b1 = _mm512_extracti32x4_epi32(bytes, 1);
+    __m128i b2 = _mm512_extracti32x4_epi32(bytes, 2), b3 = _mm512_extracti32x4_epi32(bytes, 3);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b2)), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b3)), acc3);
+  }
+  for (; k + 16 <= n; k += 16) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), acc0);
+  }
+  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+#elif defined(GROK1_AVX2)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  for (; k + 32 <= n; k += 32) {
+    __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+    __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16));
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), acc3);
+  }
+  __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+  __m128 folded = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  folded = _mm_hadd_ps(folded, folded);
+  folded = _mm_hadd_ps(folded, folded);
+  total = _mm_cvtss_f32(folded);
+#endif
+  for (; k < n; ++k) total += x[k] * static_cast<float>(q[k]);
+  return total;
+}
+
+// sum_k x[k] * w[k] for bfloat16 w, float32 accumulation.
+inline float dot_f32_bf16(const float* __restrict x, const at::BFloat16* __restrict w, int64_t n) {
+  int64_t k = 0;
+  float total = 0.0f;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(w);
+#if defined(GROK1_AVX512)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; k + 32 <= n; k += 32) {
+    __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), 16);
+    __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k + 16))), 16);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(lo), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_castsi512_ps(hi), acc1);
+  }
+  total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+  for (; k < n; ++k) total += x[k] * static_cast<float>(w[k]);
+  return total;
+}
+
+inline float bf16_to_float(const at::BFloat16 value) { return static_cast<float>(value); }
+
+// y[m, n] = sum_b s[b, n] * sum_k x[m, b*Kb + k] * q[b, n, k] for n in [begin, end). Block-outer
+// order: each block's rows [begin, end) are one contiguous range, read front to back.
+inline void blocked_rows(const float* x, int64_t M, int64_t K, const int8_t* q, const at::BFloat16* s,
+                         int64_t blocks, int64_t N, int64_t begin, int64_t end, float* y) {
+  const int64_t kb = K / blocks;
+  for (int64_t n = begin; n < end; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = q + (b * N + n) * kb;
+      const float scale = bf16_to_float(s[b * N + n]);
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] += scale * dot_f32_i8(x + m * K + b * kb, row, kb);
+    }
+  }
+}
+
+int64_t grain_for(int64_t n) {
+  // Enough columns per task that the per-task cost stays small next to the bytes it reads.
+  return std::max<int64_t>(16, n / (4 * std::max(1, at::get_num_threads())));
+}
+
+// x as float32 (rows are short: converting here avoids a separate tensor operation per call).
+std::vector<float> as_float(const torch::Tensor& x) {
+  const int64_t n = x.numel();
+  std::vector<float> out(n);
+  if (x.scalar_type() == torch::kFloat32) {
+    auto c = x.contiguous();
+    std::copy(c.data_ptr<float>(), c.data_ptr<float>() + n, out.begin());
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    auto c = x.contiguous();
+    const at::BFloat16* p = c.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  } else {
+    auto c = x.to(torch::kFloat32).contiguous();
+    std::copy(c.data_ptr<float>(), c.data_ptr<float>() + n, out.begin());
+  }
+  return out;
+}
+
+// A matrix of a stack: q [E, blocks, out, in/blocks] or [blocks, out, in/blocks]; expert -1 for none.
+struct Int8Matrix {
+  const int8_t* q;
+  const at::BFloat16* s;
+  int64_t blocks, n, kb;
+};
+
+Int8Matrix matrix_of(const torch::Tensor& q, const torch::Tensor& s, int64_t expert) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.device().is_cpu(), "weights must be contiguous int8 on the CPU");
+  TORCH_CHECK(s.scalar_type() == torch::kBFloat16 && s.is_contiguous(), "scales must be contiguous bfloat16");
+  TORCH_CHECK(q.dim() == s.dim() + 1 && (q.dim() == 3 || q.dim() == 4), "weights must be [(E,) blocks, out, in/blocks]");
+  for (int64_t i = 0; i < s.dim(); ++i) TORCH_CHECK(q.size(i) == s.size(i), "scales do not match the weights");
+  const int64_t lead = q.dim() - 3;
+  const int64_t blocks = q.size(lead), n = q.size(lead + 1), kb = q.size(lead + 2);
+  int64_t offset = 0;
+  if (lead == 1) {
+    TORCH_CHECK(expert >= 0 && expert < q.size(0), "expert index out of range");
+    offset = expert;
+  } else {
+    TORCH_CHECK(expert < 0, "an expert index needs a stack of experts");
+  }
+  return {q.data_ptr<int8_t>() + offset * blocks * n * kb, s.data_ptr<at::BFloat16>() + offset * blocks * n, blocks, n, kb};
+}
+
+void blocked_linear(const float* x, int64_t m, int64_t k, const Int8Matrix& w, float* y) {
+  TORCH_CHECK(k == w.blocks * w.kb, "input size does not match the weights");
+  at::parallel_for(0, w.n, grain_for(w.n), [&](int64_t begin, int64_t end) {
+    blocked_rows(x, m, k, w.q, w.s, w.blocks, w.n, begin, end, y);
+  });
+}
+
+// hidden[m, n] = gelu_tanh(x W_gate) * (x W_up), float32.
+void geglu_rows(const float* x, int64_t m, int64_t k, const Int8Matrix& gate, const Int8Matrix& up, float* out) {
+  TORCH_CHECK(k == gate.blocks * gate.kb && gate.blocks == up.blocks && gate.n == up.n && gate.kb == up.kb,
+              "gate and up projections do not match the input");
+  const float sqrt_2_over_pi = 0.7978845608028654f;
+  const int64_t n_out = gate.n, kb = gate.kb;
+  at::parallel_for(0, n_out, grain_for(n_out), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r = 0; r < m; ++r) {
+        float g = 0.0f, u = 0.0f;
+        for (int64_t b = 0; b < gate.blocks; ++b) {
+          const float* xb = x + r * k + b * kb;
+          g += bf16_to_float(gate.s[b * n_out + n]) * dot_f32_i8(xb, gate.q + (b * n_out + n) * kb, kb);
+          u += bf16_to_float(up.s[b * n_out + n]) * dot_f32_i8(xb, up.q + (b * n_out + n) * kb, kb);
+        }
+        const float inner = sqrt_2_over_pi * (g + 0.044715f * g * g * g);
+        out[r * n_out + n] = 0.5f * g * (1.0f + std::tanh(inner)) * u;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, K] (any float dtype) @ one matrix (expert -1) or one expert of a stack -> [M, N], float32 or
+// x's dtype.
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t expert, bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
+  const Int8Matrix w = matrix_of(q, s, expert);
+  const auto xf = as_float(x);
+  auto y = torch::empty({x.size(0), w.n}, torch::kFloat32);
+  blocked_linear(xf.data(), x.size(0), x.size(1), w, y.data_ptr<float>());
+  return float_out ? y : y.to(x.scalar_type());
+}
+
+// x [M, K] @ w.T for a bfloat16 matrix w [N, K] (the tied output head), float32 accumulation, result
+// rounded to bfloat16.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kBFloat16 && w.size(1) == x.size(1),
+              "w must be a contiguous bfloat16 [N, K] matching x");
+  const auto xf = as_float(x);
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto y = torch::empty({m, n}, torch::kBFloat16);
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, grain_for(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < m; ++i) yp[i * n + r] = at::BFloat16(dot_f32_bf16(xf.data() + i * k, wp + r * k, k));
+  });
+  return y;
+}
+
+// The gated half of a GeGLU expert in one pass over both matrices:
+// gelu_tanh(x @ W_gate) * (x @ W_up), computed in float32 and returned in x's dtype.
+torch::Tensor int8_geglu(torch::Tensor x, torch::Tensor q_gate, torch::Tensor s_gate, torch::Tensor q_up,
+                         torch::Tensor s_up, int64_t expert) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
+  const Int8Matrix gate = matrix_of(q_gate, s_gate, expert), up = matrix_of(q_up, s_up, expert);
+  const auto xf = as_float(x);
+  auto out = torch::empty({x.size(0), gate.n}, torch::kFloat32);
+  geglu_rows(xf.data(), x.size(0), x.size(1), gate, up, out.data_ptr<float>());
+  return out.to(x.scalar_type());
+}
+
+namespace {
+
+inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
+// out = T(scale * x * rsqrt(mean(x^2) + eps)) for one row of length d.
+inline void rms_norm_row(const float* x, const float* scale, int64_t d, double eps, at::BFloat16* out) {
+  float sum_sq = 0.0f;
+#pragma omp simd reduction(+ : sum_sq)
+  for (int64_t i = 0; i < d; ++i) sum_sq += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(d) + static_cast<float>(eps));
+  for (int64_t i = 0; i < d; ++i) out[i] = at::BFloat16(scale[i] * (x[i] * inv));
+}
+
+void check_rows(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == torch::kBFloat16,
+              what, " must be a contiguous bfloat16 CPU matrix");
+}
+
+}  // namespace
+
+// RMS norm of each row of h (bfloat16 [N, D]) with a float32 scale.
+torch::Tensor rms_norm(torch::Tensor h, torch::Tensor scale, double eps) {
+  check_rows(h, "h");
+  auto sf = scale.to(torch::kFloat32).contiguous();
+  const int64_t n = h.size(0), d = h.size(1);
+  auto out = torch::empty_like(h);
+  std::vector<float> row(d);
+  for (int64_t r = 0; r < n; ++r) {
+    const at::BFloat16* src = h.data_ptr<at::BFloat16>() + r * d;
+    for (int64_t i = 0; i < d; ++i) row[i] = static_cast<float>(src[i]);
+    rms_norm_row(row.data(), sf.data_ptr<float>(), d, eps, out.data_ptr<at::BFloat16>() + r * d);
+  }
+  return out;
+}
+
+// The sandwich norm's second half: h + rms_norm(y, post_scale), then optionally the next block's
+// pre-norm of that sum. y is rounded to bfloat16 first (a MoE output is float32 until then).
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor h, torch::Tensor y, torch::Tensor post_scale,
+                                        c10::optional<torch::Tensor> next_scale, double eps) {
+  check_rows(h, "h");
+  TORCH_CHECK(y.sizes() == h.sizes(), "the residual and the block output differ in shape");
+  auto yb = y.to(torch::kBFloat16).contiguous();
+  auto post = post_scale.to(torch::kFloat32).contiguous();
+  const int64_t n = h.size(0), d = h.size(1);
+  auto h_out = torch::empty_like(h);
+  std::vector<float> row(d);
+  std::vector<at::BFloat16> normed(d);
+  for (int64_t r = 0; r < n; ++r) {
+    const at::BFloat16* yr = yb.data_ptr<at::BFloat16>() + r * d;
+    for (int64_t i = 0; i < d; ++i) row[i] = static_cast<float>(yr[i]);
+    rms_norm_row(row.data(), post.data_ptr<float>(), d, eps, normed.data());
+    const at::BFloat16* hr = h.data_ptr<at::BFloat16>() + r * d;
+    at::BFloat16* out = h_out.data_ptr<at::BFloat16>() + r * d;
+    for (int64_t i = 0; i < d; ++i) out[i] = at::BFloat16(static_cast<float>(hr[i]) + static_cast<float>(normed[i]));
+  }
+  if (!next_scale.has_value()) return {h_out, h_out};
+  return {h_out, rms_norm(h_out, *next_scale, eps)};
+}
+
+// One query per row. q [B, Hq*dk], k [B, Hkv*dk], v [B, Hkv*dv] (bfloat16, before RoPE); cos, sin
+// [B, dk] float32; caches [B, Hkv, S, d] bfloat16; positions [B] int64; key_valid [B, S] bool.
+// Applies RoPE (half split) to q and k, writes k and v at each row's position, and attends to the
+// slots s < span with s <= position and key_valid (none visible: uniform over the span, as a fully
+// masked softmax gives). Scores are rounded to bfloat16, scaled, soft-capped and softmaxed in float32;
+// probabilities are rounded to bfloat16 before the weighted sum of values. Returns [B, Hq*dv].
+torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos,
+                               torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor positions, torch::Tensor key_valid, int64_t span,
+                               double multiplier, double cap) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == torch::kBFloat16 && v_cache.scalar_type() == torch::kBFloat16,
+              "caches must be contiguous bfloat16 [B, Hkv, S, d]");
+  const int64_t batch = q.size(0), hkv = k_cache.size(1), slots = k_cache.size(2), dk = k_cache.size(3);
+  const int64_t dv = v_cache.size(3), hq = q.size(1) / dk, group = hq / hkv;
+  TORCH_CHECK(k.size(1) == hkv * dk && v.size(1) == hkv * dv && hq % hkv == 0 && span <= slots, "attention shapes do not match the cache");
+  auto cosf = cos.to(torch::kFloat32).contiguous(), sinf = sin.to(torch::kFloat32).contiguous();
+  auto pos = positions.to(torch::kInt64).contiguous();
+  auto valid = key_valid.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const bool* vp = valid.data_ptr<bool>();
+  const int64_t half = dk / 2;
+
+  // RoPE in float32, rounded to bfloat16 (the rotated q and k are bfloat16 in the model).
+  auto rotate = [&](const at::BFloat16* x, const float* c, const float* s, float* out) {
+    for (int64_t i = 0; i < dk; ++i) {
+      const float rotated_half = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+      out[i] = round_bf16(static_cast<float>(x[i]) * c[i] + rotated_half * s[i]);
+    }
+  };
+  auto q_rot = torch::empty({batch, hq, dk}, torch::kFloat32);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t p = pp[b];
+    TORCH_CHECK(p >= 0 && p < slots, "position beyond the KV cache");
+    const float* c = cosf.data_ptr<float>() + b * dk;
+    const float* s = sinf.data_ptr<float>() + b * dk;
+    for (int64_t h = 0; h < hq; ++h)
+      rotate(q.data_ptr<at::BFloat16>() + b * hq * dk + h * dk, c, s, q_rot.data_ptr<float>() + (b * hq + h) * dk);
+    std::vector<float> k_rot(dk);
+    for (int64_t h = 0; h < hkv; ++h) {
+      rotate(k.data_ptr<at::BFloat16>() + b * hkv * dk + h * dk, c, s, k_rot.data());
+      at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + ((b * hkv + h) * slots + p) * dk;
+      for (int64_t i = 0; i < dk; ++i) kc[i] = at::BFloat16(k_rot[i]);
+      at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + ((b * hkv + h) * slots + p) * dv;
+      const at::BFloat16* vs = v.data_ptr<at::BFloat16>() + b * hkv * dv + h * dv;
+      for (int64_t i = 0; i < dv; ++i) vc[i] = vs[i];
+    }
+  }
+
+  auto out = torch::empty({batch, hq * dv}, q.options());
+  const float mult = static_cast<float>(multiplier), capf = static_cast<float>(cap);
+  at::parallel_for(0, batch * hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(span), key(dk), acc(dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / hq, h = task % hq, kvh = h / group, p = pp[b];
+      const float* qr = q_rot.data_ptr<float>() + task * dk;
+      const at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + (b * hkv + kvh) * slots * dk;
+      const at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + (b * hkv + kvh) * slots * dv;
+      const bool* kv_ok = vp + b * slots;
+      float max_score = -std::numeric_limits<float>::infinity();
+      int64_t visible = 0;
+      for (int64_t s = 0; s < span; ++s) {
+        if (s > p || !kv_ok[s]) {
+          scores[s] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const at::BFloat16* kr = kc + s * dk;
+        for (int64_t i = 0; i < dk; ++i) key[i] = static_cast<float>(kr[i]);
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < dk; ++i) dot += qr[i] * key[i];
+        const float score = capf * std::tanh(round_bf16(dot) * mult / capf);
+        scores[s] = score;
+        max_score = std::max(max_score, score);
+        ++visible;
+      }
+      float total = 0.0f;
+      for (int64_t s = 0; s < span; ++s) {
+        const float e = visible == 0 ? 1.0f : (scores[s] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(scores[s] - max_score));
+        scores[s] = e;
+        total += e;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < span; ++s) {
+        if (scores[s] == 0.0f) continue;
+        const float prob = round_bf16(scores[s] / total);
+        const at::BFloat16* vr = vc + s * dv;
+        for (int64_t i = 0; i < dv; ++i) acc[i] += prob * static_cast<float>(vr[i]);
+      }
+      at::BFloat16* o = out.data_ptr<at::BFloat16>() + b * hq * dv + h * dv;
+      for (int64_t i = 0; i < dv; ++i) o[i] = at::BFloat16(acc[i]);
+    }
+  });
+  return out;
+}
+
+// The router: float32 logits x @ router [D, E], softmax, the k most probable experts in descending
+// order (ties to the lower index, as a stable sort). Returns (gate weights [N, k]: the probabilities
+// rounded to bfloat16, as the model applies them, held as float32; experts [N, k] int64).
+std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor router, int64_t k) {
+  check_rows(x, "x");
+  auto rf = router.to(torch::kFloat32).contiguous();
+  const int64_t n = x.size(0), d = x.size(1), e = rf.size(1);
+  TORCH_CHECK(rf.size(0) == d && k <= e, "router shape does not match");
+  auto gates = torch::empty({n, k}, torch::kFloat32);
+  auto experts = torch::empty({n, k}, torch::kInt64);
+  std::vector<float> logits(e), row(d);
+  std::vector<int64_t> order(e);
+  for (int64_t r = 0; r < n; ++r) {
+    const at::BFloat16* xr = x.data_ptr<at::BFloat16>() + r * d;
+    for (int64_t i = 0; i < d; ++i) row[i] = static_cast<float>(xr[i]);
+    std::fill(logits.begin(), logits.end(), 0.0f);
+    const float* w = rf.data_ptr<float>();
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < e; ++j) logits[j] += row[i] * w[i * e + j];
+    const float top = *std::max_element(logits.begin(), logits.end());
+    float total = 0.0f;
+    for (auto& l : logits) total += (l = std::exp(l - top));
+    for (auto& l : logits) l /= total;
+    for (int64_t j = 0; j < e; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+    for (int64_t j = 0; j < k; ++j) {
+      gates.data_ptr<float>()[r * k + j] = round_bf16(logits[order[j]]);
+      experts.data_ptr<int64_t>()[r * k + j] = order[j];
+    }
+  }
+  return {gates, experts};
+}
+
+// One expert of a MoE layer on the rows routed to it: hidden = bf16(gelu(x Wg) * (x Wu)),
+// y = bf16(hidden Wd), out[rows[i]] += weights[i] * y[i] (x bfloat16 [N, D], out float32 [N, D]).
+// The roundings are those of the fast path's separate steps (each projection returns bfloat16), so
+// both give the same numbers.
+void int8_expert_add(torch::Tensor x, std::vector<int64_t> rows, std::vector<double> weights,
+                     torch::Tensor q_gate, torch::Tensor s_gate, torch::Tensor q_up, torch::Tensor s_up,
+                     torch::Tensor q_down, torch::Tensor s_down, int64_t expert, torch::Tensor out) {
+  check_rows(x, "x");
+  TORCH_CHECK(rows.size() == weights.size(), "one weight per row");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0),
+              "out must be float32 [N, D]");
+  const Int8Matrix gate = matrix_of(q_gate, s_gate, expert), up = matrix_of(q_up, s_up, expert);
+  const Int8Matrix down = matrix_of(q_down, s_down, expert);
+  TORCH_CHECK(down.n == out.size(1) && down.blocks * down.kb == gate.n, "down projection does not match");
+  const int64_t m = static_cast<int64_t>(rows.size()), d = x.size(1), f = gate.n;
+  std::vector<float> xs(m * d);
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < x.size(0), "row index out of range");
+    for (int64_t j = 0; j < d; ++j) xs[i * d + j] = static_cast<float>(xp[rows[i] * d + j]);
+  }
+  std::vector<float> hidden(m * f), y(m * down.n);
+  geglu_rows(xs.data(), m, d, gate, up, hidden.data());
+  for (auto& h : hidden) h = round_bf16(h);  // the down projection's input is bfloat16
+  blocked_linear(hidden.data(), m, f, down, y.data());
+  for (int64_t i = 0; i < m; ++i) {
+    const float g = static_cast<float>(weights[i]);
+    float* dst = out.data_ptr<float>() + rows[i] * down.n;
+    const float* src = y.data() + i * down.n;
+    for (int64_t j = 0; j < down.n; ++j) dst[j] += g * round_bf16(src[j]);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "x @ W for a blocked-scale int8 W");
+  m.def("int8_geglu", &int8_geglu, "gelu_tanh(x @ W_gate) * (x @ W_up) for int8 W_gate, W_up");
+  m.def("bf16_linear", &bf16_linear, "x @ w.T for a bfloat16 w, bfloat16 result");
+  m.def("rms_norm", &rms_norm, "RMS norm of bfloat16 rows");
+  m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y), and the next pre-norm of the sum");
+  m.def("attention_decode", &attention_decode, "RoPE, KV-cache write and attention for one query per row");
+  m.def("route", &route, "router softmax and top-k");
+  m.def("int8_expert_add", &int8_expert_add, "one int8 GeGLU expert, gated and added into out");
+}

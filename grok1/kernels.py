@@ -1,0 +1,134 @@
+"""grok1's own CPU kernels for the fast decode path (grok1/csrc/int8_cpu.cpp), built on first use.
+
+A decode step reads each active weight once and does little else, so its speed is set by how close the
+weight reads get to the memory's bandwidth and by the fixed cost of every other operation. Two things
+stand in the way with library kernels alone:
+
+- The release's int8 matrices with 8 row blocks of scales need 8 calls of a single-scale kernel, and at
+  decode sizes each call's fixed cost outweighs its bytes. `int8_linear` reads such a matrix in one
+  pass; `int8_geglu` computes an expert's gated projections in one pass over both matrices.
+- The steps between the matrix products (norms, RoPE, the cache write, attention for one query, the
+  router, the gated expert sum) are dozens of tiny tensor operations per layer, each costing more in
+  dispatch than in arithmetic. `rms_norm`, `add_rms_norm`, `attention_decode`, `route` and
+  `int8_expert_add` do each group in one call.
+
+They serve small row counts (decode); prefill goes through PyTorch's kernels, which are faster there.
+
+The extension is compiled with the machine's C++ compiler the first time it is needed (about 20 s,
+cached by PyTorch under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Where that is not
+possible (no compiler, not x86/ARM Linux or macOS), or with GROK1_NATIVE_KERNELS=0, everything runs on
+PyTorch's kernels instead, with the same results up to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+# Up to this many rows the one-pass kernels beat PyTorch's (measured in bench/decode.py's setting).
+MAX_ROWS = 4
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_cpu.cpp"
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+
+
+def _build() -> ModuleType | None:
+    if os.environ.get("GROK1_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        # No FMA contraction: the fused steps then round exactly as the separate tensor operations.
+        cflags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+        if platform.machine() in ("x86_64", "AMD64"):
+            cflags.append("-march=native")
+        # ninja, which PyTorch builds extensions with, is installed next to this interpreter.
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        return load(name="grok1_int8_cpu", sources=[str(_SOURCE)], extra_cflags=cflags, verbose=False)
+    except Exception as exc:  # any build or import failure leaves the library kernels in charge
+        warnings.warn(f"grok1: native CPU kernels unavailable, using PyTorch's ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''})", stacklevel=3)
+        return None
+
+
+def native() -> ModuleType | None:
+    """The compiled kernels, or None where they cannot be built (built once per process)."""
+    global _module, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _module = _build()
+                _tried = True
+    return _module
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the one-pass kernels serve this input: a small number of rows on the CPU."""
+    return x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_ROWS and native() is not None
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, expert: int | None = None,
+                float_out: bool = False) -> torch.Tensor:
+    """x [M, in] @ W for W = q [blocks, out, in/blocks] int8 with scales [blocks, out] (or expert
+    `expert` of stacks [E, ...] of both); float32 accumulation per block, blocks summed in float32;
+    result in x's dtype (or float32)."""
+    return native().int8_linear(x, q, scales, -1 if expert is None else expert, float_out)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w.T for bfloat16 w [N, K] (the tied output head): float32 accumulation, bfloat16 result."""
+    return native().bf16_linear(x, w)
+
+
+def serves(rows: int, device: torch.device) -> bool:
+    """Whether the fused decode steps serve a batch of this many rows on this device."""
+    return device.type == "cpu" and rows <= MAX_ROWS and native() is not None
+
+
+def int8_geglu(x: torch.Tensor, gate, up, expert: int | None = None) -> torch.Tensor:
+    """gelu_tanh(x @ W_gate) * (x @ W_up) in float32, returned in x's dtype (Int8Weight gate, up)."""
+    return native().int8_geglu(x, gate.qweight, gate.scales, up.qweight, up.scales, -1 if expert is None else expert)
+
+
+def rms_norm(h: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return native().rms_norm(h, scale, eps)
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, post_scale: torch.Tensor, next_scale: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + rms_norm(bf16(y), post_scale), rms_norm(that, next_scale)); the second is the first
+    when next_scale is None."""
+    h_out, x_next = native().add_rms_norm(h, y, post_scale, next_scale, eps)
+    return h_out, x_next
+
+
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     key_valid: torch.Tensor, span: int, multiplier: float, cap: float) -> torch.Tensor:
+    return native().attention_decode(q, k, v, cos, sin, k_cache, v_cache, positions, key_valid, span,
+                                     multiplier, cap)
+
+
+def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate weights [N, k]: the top-k softmax probabilities rounded to bfloat16, as float32;
+    experts [N, k]), descending, ties to the lower index."""
+    gates, experts = native().route(x, router, k)
+    return gates, experts
+
+
+def int8_expert_add(x: torch.Tensor, rows: list[int], weights: list[float], gate, up, down, expert: int,
+                    out: torch.Tensor) -> None:
+    """out[rows] += weights[:, None] * expert(x[rows]) for one int8 GeGLU expert of a stack."""
+    native().int8_expert_add(x, rows, weights, gate.qweight, gate.scales, up.qweight, up.scales, down.qweight,
+                             down.scales, expert, out)
