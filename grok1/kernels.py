@@ -1,16 +1,18 @@
-"""grok1's own CPU kernels for the fast decode path (grok1/csrc/int8_cpu.cpp), built on first use.
+"""grok1's own CPU kernels for the fast decode path (grok1/csrc/cpu_kernels.cpp), built on first use.
 
 A decode step reads each active weight once and does little else, so its speed is set by how close the
 weight reads get to the memory's bandwidth and by the fixed cost of every other operation. Two things
 stand in the way with library kernels alone:
 
 - The release's int8 matrices with 8 row blocks of scales need 8 calls of a single-scale kernel, and at
-  decode sizes each call's fixed cost outweighs its bytes. `int8_linear` reads such a matrix in one
-  pass; `int8_geglu` computes an expert's gated projections in one pass over both matrices.
+  decode sizes each call's fixed cost outweighs its bytes. `linear` reads such a matrix in one pass;
+  `geglu` computes an expert's gated projections in one pass over both matrices. int4 weights get the
+  same, with llama.cpp's Q4_0 arithmetic (activations as int8 per group of 32), on CPUs with AVX-512
+  VNNI.
 - The steps between the matrix products (norms, RoPE, the cache write, attention for one query, the
   router, the gated expert sum) are dozens of tiny tensor operations per layer, each costing more in
   dispatch than in arithmetic. `rms_norm`, `add_rms_norm`, `attention_decode`, `route` and
-  `int8_expert_add` do each group in one call.
+  `expert_add` do each group in one call.
 
 They serve small row counts (decode); prefill goes through PyTorch's kernels, which are faster there.
 
@@ -35,10 +37,11 @@ import torch
 # Up to this many rows the one-pass kernels beat PyTorch's (measured in bench/decode.py's setting).
 MAX_ROWS = 4
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_cpu.cpp"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
+_int4 = False  # whether the build has the int4 kernel (AVX-512 VNNI)
 
 
 def _build() -> ModuleType | None:
@@ -55,7 +58,7 @@ def _build() -> ModuleType | None:
         bindir = os.path.dirname(sys.executable)
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-        return load(name="grok1_int8_cpu", sources=[str(_SOURCE)], extra_cflags=cflags, verbose=False)
+        return load(name="grok1_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=cflags, verbose=False)
     except Exception as exc:  # any build or import failure leaves the library kernels in charge
         warnings.warn(f"grok1: native CPU kernels unavailable, using PyTorch's ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''})", stacklevel=3)
@@ -64,11 +67,12 @@ def _build() -> ModuleType | None:
 
 def native() -> ModuleType | None:
     """The compiled kernels, or None where they cannot be built (built once per process)."""
-    global _module, _tried
+    global _module, _tried, _int4
     if not _tried:
         with _lock:
             if not _tried:
                 _module = _build()
+                _int4 = _module is not None and _module.has_int4()
                 _tried = True
     return _module
 
@@ -78,12 +82,29 @@ def applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_ROWS and native() is not None
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, expert: int | None = None,
-                float_out: bool = False) -> torch.Tensor:
-    """x [M, in] @ W for W = q [blocks, out, in/blocks] int8 with scales [blocks, out] (or expert
-    `expert` of stacks [E, ...] of both); float32 accumulation per block, blocks summed in float32;
-    result in x's dtype (or float32)."""
-    return native().int8_linear(x, q, scales, -1 if expert is None else expert, float_out)
+def weight_tensors(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, scales) of a weight these kernels read: int8 (Int8Weight) always, packed int4
+    (Int4Weight) where the int4 kernel was built; None for anything else."""
+    buffers = weight._buffers  # direct: this runs several times per layer and token
+    if "qweight" in buffers:
+        return buffers["qweight"], buffers["scales"]
+    if "packed" in buffers and native() is not None and _int4:
+        return buffers["packed"], buffers["scales"]
+    return None
+
+
+def linear(x: torch.Tensor, weight, expert: int | None = None, float_out: bool = False) -> torch.Tensor:
+    """x [M, in] @ W for an int8 or int4 weight (or expert `expert` of a stack of them). int8: float32
+    accumulation per scale block, blocks summed in float32. int4: activations quantised to int8 per
+    group of 32, exact integer dot products per group, scaled and summed in float32. Result in x's
+    dtype (or float32)."""
+    values, scales = weight_tensors(weight)
+    return _module.linear(x, values, scales, -1 if expert is None else expert, float_out)
+
+
+def geglu(x: torch.Tensor, gate, up, expert: int | None = None) -> torch.Tensor:
+    """gelu_tanh(x @ W_gate) * (x @ W_up) in float32, returned in x's dtype."""
+    return native().geglu(x, *weight_tensors(gate), *weight_tensors(up), -1 if expert is None else expert)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -94,11 +115,6 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def serves(rows: int, device: torch.device) -> bool:
     """Whether the fused decode steps serve a batch of this many rows on this device."""
     return device.type == "cpu" and rows <= MAX_ROWS and native() is not None
-
-
-def int8_geglu(x: torch.Tensor, gate, up, expert: int | None = None) -> torch.Tensor:
-    """gelu_tanh(x @ W_gate) * (x @ W_up) in float32, returned in x's dtype (Int8Weight gate, up)."""
-    return native().int8_geglu(x, gate.qweight, gate.scales, up.qweight, up.scales, -1 if expert is None else expert)
 
 
 def rms_norm(h: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -127,8 +143,26 @@ def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return gates, experts
 
 
-def int8_expert_add(x: torch.Tensor, rows: list[int], weights: list[float], gate, up, down, expert: int,
-                    out: torch.Tensor) -> None:
-    """out[rows] += weights[:, None] * expert(x[rows]) for one int8 GeGLU expert of a stack."""
-    native().int8_expert_add(x, rows, weights, gate.qweight, gate.scales, up.qweight, up.scales, down.qweight,
-                             down.scales, expert, out)
+def expert_add(x: torch.Tensor, rows: list[int], weights: list[float], stacks: list[tuple[torch.Tensor, torch.Tensor]],
+               expert: int, out: torch.Tensor) -> None:
+    """out[rows] += weights[:, None] * expert(x[rows]) for one GeGLU expert; `stacks` holds the
+    `weight_tensors` of the gate, up and down stacks (int8 or int4)."""
+    (gate, gate_scales), (up, up_scales), (down, down_scales) = stacks
+    _module.expert_add(x, rows, weights, gate, gate_scales, up, up_scales, down, down_scales, expert, out)
+
+
+def attention_block(h: torch.Tensor, norms: list[torch.Tensor], eps: float, weights: list[torch.Tensor],
+                    angles: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor],
+                    positions: torch.Tensor, key_valid: torch.Tensor, span: int, multiplier: float,
+                    cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half of a decoder layer in one call (the same numbers as the separate steps in
+    `DecoderLayer.decode`): returns (h, the MoE's input)."""
+    h, x = _module.attention_block(h, norms, eps, weights, *angles, *kv_cache, positions, key_valid, span,
+                                   multiplier, cap)
+    return h, x
+
+
+def moe_block(x: torch.Tensor, h: torch.Tensor, router: torch.Tensor, k: int, stacks: list[torch.Tensor],
+              post_scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The MoE half of a decoder layer in one call: h + post_norm(the gated expert sum)."""
+    return _module.moe_block(x, h, router, k, stacks, post_scale, eps)

@@ -265,18 +265,18 @@ class MoE(nn.Module):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Fast decode path (grok1/kernels.py): x bfloat16 [N, D] -> the gated expert sum, float32
-        [N, D] (every rank's share). Same steps as `forward`, with the routing, each int8 expert and
-        its gated accumulation done in one call each."""
+        [N, D] (every rank's share). Same steps as `forward`, with the routing, each int8/int4 expert
+        and its gated accumulation done in one call each."""
         gates, experts = kernels.route(x, self.router, self.config.num_selected_experts)
         groups = self.group_by_expert(experts)
         gate_rows = gates.tolist()
         out = torch.zeros(x.shape, dtype=torch.float32)
-        int8 = all(isinstance(w, Int8Weight) for w in (self.linear, self.linear_v, self.linear_1))
+        stacks = [kernels.weight_tensors(w) for w in (self.linear, self.linear_v, self.linear_1)]
         for expert, (rows, slots) in groups.items():
             local = expert - self.local_experts.start
             weights = [gate_rows[r][s] for r, s in zip(rows, slots, strict=True)]
-            if int8:
-                kernels.int8_expert_add(x, rows, weights, self.linear, self.linear_v, self.linear_1, local, out)
+            if None not in stacks:
+                kernels.expert_add(x, rows, weights, stacks, local, out)
             else:
                 index = torch.tensor(rows)
                 gated = torch.tensor(weights)[:, None] * self.expert_ffn(x[index], local)
@@ -320,18 +320,31 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """Fast path for one new token per row (h bfloat16 [B, D], positions [B]): the steps of
         `forward`, with the small operations between the matrix products fused (grok1/kernels.py)."""
-        attn, eps = self.attn, self.rms_norm.eps
+        attn, moe, eps = self.attn, self.moe, self.rms_norm.eps
         cfg = attn.config
-        x = kernels.rms_norm(h, self.rms_norm.scale, eps)
-        q, k, v = attn.query.linear(x), attn.key.linear(x), attn.value.linear(x)
-        cos, sin = (a.reshape(h.shape[0], -1) for a in angles)
-        attended = kernels.attention_decode(q, k, v, cos, sin, *kv_cache, positions, key_valid, span,
-                                            cfg.attn_output_multiplier, cfg.attn_logit_softcap)
-        out = attn.linear.linear(attended)
-        if attn.reduce is not None:
-            out = attn.reduce(out)
-        h, x = kernels.add_rms_norm(h, out, self.rms_norm_1.scale, self.rms_norm_2.scale, eps)
-        h, _ = kernels.add_rms_norm(h, self.moe.decode(x), self.rms_norm_3.scale, None, eps)
+        cos, sin = angles[0].view(h.shape[0], -1), angles[1].view(h.shape[0], -1)
+        norms = [self.rms_norm.scale, self.rms_norm_1.scale, self.rms_norm_2.scale]
+        projections = [kernels.weight_tensors(w) for w in (attn.query, attn.key, attn.value, attn.linear)]
+        if attn.reduce is None and None not in projections:
+            # Everything up to the MoE's input in one call (no tensor-parallel sum in between).
+            weights = [t for pair in projections for t in pair]
+            h, x = kernels.attention_block(h, norms, eps, weights, (cos, sin), kv_cache, positions, key_valid, span,
+                                           cfg.attn_output_multiplier, cfg.attn_logit_softcap)
+        else:
+            x = kernels.rms_norm(h, norms[0], eps)
+            q, k, v = attn.query.linear(x), attn.key.linear(x), attn.value.linear(x)
+            attended = kernels.attention_decode(q, k, v, cos, sin, *kv_cache, positions, key_valid, span,
+                                                cfg.attn_output_multiplier, cfg.attn_logit_softcap)
+            out = attn.linear.linear(attended)
+            if attn.reduce is not None:
+                out = attn.reduce(out)
+            h, x = kernels.add_rms_norm(h, out, norms[1], norms[2], eps)
+        stacks = [kernels.weight_tensors(w) for w in (moe.linear, moe.linear_v, moe.linear_1)]
+        if moe.reduce is None and None not in stacks and len(moe.local_experts) == cfg.num_experts:
+            # The whole MoE half in one call: experts in memory, no expert-parallel sum.
+            return kernels.moe_block(x, h, moe.router, cfg.num_selected_experts, [t for pair in stacks for t in pair],
+                                     self.rms_norm_3.scale, eps)
+        h, _ = kernels.add_rms_norm(h, moe.decode(x), self.rms_norm_3.scale, None, eps)
         return h
 
 

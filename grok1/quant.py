@@ -93,7 +93,7 @@ class Int8Weight(nn.Module):
         the scales after accumulation (not the official bf16(q*s) rounding). Blocks are summed in
         float32 and rounded once."""
         if kernels.applies(x):
-            return kernels.int8_linear(x, self.qweight, self.scales, expert)
+            return kernels.linear(x, self, expert)
         q = self.qweight if expert is None else self.qweight[expert]
         s = self.scales if expert is None else self.scales[expert]
         g, _, kb = q.shape
@@ -171,6 +171,8 @@ class Int4Weight(nn.Module):
 
     def linear(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """Fast path through PyTorch's int4 weight-only kernel (packed for it at load time)."""
+        if kernels.applies(x) and kernels.weight_tensors(self) is not None:
+            return kernels.linear(x, self, expert)
         if not self._kernel_usable(x):
             return x @ self.dequantize(expert).to(x.dtype)
         packed, scale_and_zero = self._packed_for_kernel(expert)
@@ -227,11 +229,11 @@ def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
 
 def geglu(gate: QuantizedWeight, up: QuantizedWeight, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
     """Fast path: gelu_tanh(x @ W_gate) * (x @ W_up), rounded to x's dtype (the down projection's
-    input). Two int8 matrices at decode sizes are read in one pass by grok1's own kernel."""
+    input). Two int8 or int4 matrices at decode sizes are read in one pass by grok1's own kernel."""
     if kernels.applies(x):
         with resident(gate, expert) as (gate_w, index), resident(up, expert) as (up_w, _):
-            if isinstance(gate_w, Int8Weight) and isinstance(up_w, Int8Weight):
-                return kernels.int8_geglu(x, gate_w, up_w, index)
+            if kernels.weight_tensors(gate_w) is not None and kernels.weight_tensors(up_w) is not None:
+                return kernels.geglu(x, gate_w, up_w, index)
     gate_proj = gate.linear(x, expert).float()
     up_proj = up.linear(x, expert).float()
     return (up_proj * gelu_tanh(gate_proj)).to(x.dtype)

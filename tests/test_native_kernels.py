@@ -15,7 +15,7 @@ from conftest import FIXTURE, relative_error
 from grok1 import kernels
 from grok1.config import PRESETS
 from grok1.model import DecoderLayer, MoE, RMSNorm, attend, rope_angles, rotary
-from grok1.quant import Int8Weight, geglu, quantize_int8
+from grok1.quant import Int8Weight, geglu, quantize_int4, quantize_int8
 
 
 def test_kernels_build_here():
@@ -42,7 +42,7 @@ def test_int8_linear_matches_dequantised_matmul(in_features, blocks, rows):
         reference = x.float() @ weight.dequantize(expert).float()
         exact_weights = x.float() @ (weight.qweight[expert].float() * weight.scales[expert].float()[..., None]
                                      ).transpose(-1, -2).reshape(in_features, 80)
-        out = kernels.int8_linear(x, weight.qweight, weight.scales, expert, float_out=True)
+        out = kernels.linear(x, weight, expert, float_out=True)
         assert out.dtype == torch.float32 and out.shape == (rows, 80)
         assert relative_error(out, exact_weights) < 1e-5  # scales applied after accumulation, in float32
         assert relative_error(out, reference) < 5e-3  # vs the official bf16(q*s) weights
@@ -54,8 +54,8 @@ def test_int8_geglu_matches_the_separate_steps():
     gate, up = stack(2, 256, 96, 1, 1), stack(2, 256, 96, 1, 2)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
     for expert in range(2):
-        g = kernels.int8_linear(x, gate.qweight, gate.scales, expert, float_out=True)
-        u = kernels.int8_linear(x, up.qweight, up.scales, expert, float_out=True)
+        g = kernels.linear(x, gate, expert, float_out=True)
+        u = kernels.linear(x, up, expert, float_out=True)
         reference = (torch.nn.functional.gelu(g, approximate="tanh") * u).bfloat16()
         fused = geglu(gate, up, x, expert)
         assert fused.dtype == torch.bfloat16
@@ -146,7 +146,7 @@ def test_expert_add_matches_the_separate_steps():
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     rows, weights = [0, 2], [0.25, 0.625]
     out = torch.zeros(3, 128)
-    kernels.int8_expert_add(x, rows, weights, gate, up, down, 1, out)
+    kernels.expert_add(x, rows, weights, [kernels.weight_tensors(w) for w in (gate, up, down)], 1, out)
     hidden = geglu(gate, up, x[rows], 1)
     expected = torch.zeros(3, 128)
     expected.index_add_(0, torch.tensor(rows), torch.tensor(weights)[:, None] * down.linear(hidden, 1).float())
@@ -179,3 +179,70 @@ def test_fused_decode_on_the_official_fixture(fixture_cases, fixture_arrays, mon
         assert error <= bound, name
         assert (ours.argmax(-1) == ref16.argmax(-1)).mean() >= 0.9, name
     assert len(fused_calls) == model.config.num_layers * (64 + 20)  # every token went through the fused steps
+
+
+needs_int4 = pytest.mark.skipif(kernels.native() is None or not kernels.native().has_int4(),
+                                reason="grok1's int4 kernel needs AVX-512 VNNI")
+
+
+@needs_int4
+@pytest.mark.parametrize("in_features", [128, 96, 2816])  # 96 = 3 groups: the scalar tail alone
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int4_linear_matches_dequantised_matmul(in_features, rows):
+    gen = torch.Generator().manual_seed(in_features + rows)
+    weight = quantize_int4(torch.randn(2, 48, in_features, generator=gen))
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    for expert in range(2):
+        reference = x.float() @ weight.dequantize(expert).float()
+        out = kernels.linear(x, weight, expert, float_out=True)
+        # Activations as int8 per group of 32 (llama.cpp's Q8_0): about 0.3 % of the result.
+        assert relative_error(out, reference) < 1e-2
+        assert torch.equal(weight.linear(x, expert), out.bfloat16())
+
+
+@needs_int4
+def test_int4_expert_add_matches_the_separate_steps():
+    gen = torch.Generator().manual_seed(9)
+    gate, up = quantize_int4(torch.randn(3, 64, 128, generator=gen)), quantize_int4(torch.randn(3, 64, 128, generator=gen))
+    down = quantize_int4(torch.randn(3, 128, 64, generator=gen))
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    out = torch.zeros(2, 128)
+    kernels.expert_add(x, [1], [0.5], [kernels.weight_tensors(w) for w in (gate, up, down)], 2, out)
+    hidden = geglu(gate, up, x[[1]], 2)
+    expected = torch.zeros(2, 128)
+    expected[1] = 0.5 * down.linear(hidden, 2).float()[0]
+    assert torch.equal(out, expected)
+    reference = torch.nn.functional.gelu(x[[1]].float() @ gate.dequantize(2).float(), approximate="tanh") * (
+        x[[1]].float() @ up.dequantize(2).float())
+    assert relative_error(hidden.float(), reference) < 2e-2
+
+
+@needs_native
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_layer_blocks_equal_the_separate_calls(quant, tmp_path):
+    """The one-call attention and MoE halves against the step-by-step path (taken when a parallel sum
+    sits in between: an identity sum here), bit for bit."""
+    if quant == "int4" and not kernels.native().has_int4():
+        pytest.skip("no int4 kernel on this CPU")
+    from grok1.config import Grok1Config
+    from grok1.convert import convert_to_native
+    from grok1.synth import write_release
+
+    path = FIXTURE
+    if quant == "int4":  # the fixture's expert size (688) is no multiple of int4's groups of 32
+        config = Grok1Config(name="small", vocab_size=512, sequence_len=64, emb_size=128, key_size=32, num_q_heads=4,
+                             num_kv_heads=2, num_layers=2, widening_factor=3.0, num_experts=4, num_selected_experts=2)
+        write_release(tmp_path / "rel", config, seed=2, progress=False)
+        path = tmp_path / "int4"
+        convert_to_native(tmp_path / "rel", path, quant="int4", progress=False)
+    blocks, steps = grok1.load(path), grok1.load(path)
+    for layer in steps.layers:
+        layer.attn.reduce = layer.moe.reduce = lambda t: t
+    tokens = torch.tensor([[5, 9, 300, 41, 7, 77, 12, 3]])
+    outs = []
+    for model in (blocks, steps):
+        cache = model.new_cache(1, 16)
+        with torch.no_grad():
+            model(tokens[:, :4], cache, torch.tensor([0]))
+            outs.append(torch.cat([model(tokens[:, i : i + 1], cache, torch.tensor([i])) for i in range(4, 8)], dim=1))
+    assert torch.equal(outs[0], outs[1])

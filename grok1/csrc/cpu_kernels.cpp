@@ -1,19 +1,22 @@
 // grok1's CPU kernels for the fast decode path (one new token per sequence).
 //
-// Weight-only int8 matrix-vector products:
-// The release's row-parallel matrices carry one bfloat16 scale per (row block, output column), which
-// no single-scale kernel can apply. These kernels read the int8 values once, keep a float32 partial sum
-// per scale block, apply that block's scale and add the blocks in float32: one pass over the weights,
-// one call per matrix (or per pair of matrices for the gated projections of an expert).
-//
-// Layouts (grok1/quant.py, Int8Weight): q [blocks, out, in/blocks] int8, s [blocks, out] bfloat16,
-// x [M, in]. Work is split over output columns with ATen's thread pool, so it shares torch's threads.
+// Weight-only matrix-vector products that read each weight byte once:
+// - int8 (grok1/quant.py Int8Weight: q [blocks, out, in/blocks], s [blocks, out] bfloat16). The
+//   release's row-parallel matrices carry one scale per (row block, output column), which no
+//   single-scale library kernel can apply; here each block's partial sum is scaled and the blocks are
+//   added in float32, in one pass. Activations are used as float32.
+// - int4 (Int4Weight: packed [out, in/32, 16] uint8, two values per byte as q+8, s [out, in/32]
+//   bfloat16). Where the CPU has AVX-512 VNNI the activations are quantised to int8 per group of 32
+//   (absmax / 127, as llama.cpp's Q4_0 x Q8_0 product does) and each group's dot product is exact
+//   integer arithmetic; elsewhere grok1 uses PyTorch's int4 kernel instead (kernels.py decides).
+// Stacks of experts ([E, ...]) are addressed by expert index, without copying.
 //
 // The rest fuses the small steps between the matrix products (RMS norms with their residual add,
 // RoPE + KV-cache write + attention for one query, the router's softmax and top-k, the gated sum of
 // the experts' outputs), each of which would otherwise be several separate tensor operations. They
 // follow the fast path's arithmetic in grok1/model.py: float32 inside, rounding to bfloat16 where the
-// model rounds.
+// model rounds. Work is split over output columns with ATen's thread pool, so it shares torch's
+// threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -26,6 +29,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GROK1_AVX512 1
+#ifndef GROK1_PREFETCH
+#define GROK1_PREFETCH 2048
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GROK1_AVX2 1
@@ -41,6 +47,7 @@ inline float dot_f32_i8(const float* __restrict x, const int8_t* __restrict q, i
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
   for (; k + 64 <= n; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_T0);
     __m512i bytes = _mm512_loadu_si512(reinterpret_cast<const void*>(q + k));
     __m128i b0 = _mm512_extracti32x4_epi32(bytes, 0), b1 = _mm512_extracti32x4_epi32(bytes, 1);
     __m128i b2 = _mm512_extracti32x4_epi32(bytes, 2), b3 = _mm512_extracti32x4_epi32(bytes, 3);
@@ -83,6 +90,7 @@ inline float dot_f32_bf16(const float* __restrict x, const at::BFloat16* __restr
 #if defined(GROK1_AVX512)
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (; k + 32 <= n; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(bits + k + GROK1_PREFETCH), _MM_HINT_T0);
     __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), 16);
     __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k + 16))), 16);
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(lo), acc0);
@@ -92,6 +100,20 @@ inline float dot_f32_bf16(const float* __restrict x, const at::BFloat16* __restr
 #endif
   for (; k < n; ++k) total += x[k] * static_cast<float>(w[k]);
   return total;
+}
+
+// acc[k] += a * v[k] for bfloat16 v.
+inline void axpy_bf16(float* __restrict acc, float a, const at::BFloat16* __restrict v, int64_t n) {
+  int64_t k = 0;
+#if defined(GROK1_AVX512)
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(v);
+  const __m512 scale = _mm512_set1_ps(a);
+  for (; k + 16 <= n; k += 16) {
+    __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), 16);
+    _mm512_storeu_ps(acc + k, _mm512_add_ps(_mm512_loadu_ps(acc + k), _mm512_mul_ps(scale, _mm512_castsi512_ps(w))));
+  }
+#endif
+  for (; k < n; ++k) acc[k] += a * static_cast<float>(v[k]);
 }
 
 inline float bf16_to_float(const at::BFloat16 value) { return static_cast<float>(value); }
@@ -135,54 +157,178 @@ std::vector<float> as_float(const torch::Tensor& x) {
   return out;
 }
 
-// A matrix of a stack: q [E, blocks, out, in/blocks] or [blocks, out, in/blocks]; expert -1 for none.
-struct Int8Matrix {
-  const int8_t* q;
-  const at::BFloat16* s;
-  int64_t blocks, n, kb;
+inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
+constexpr int64_t kGroup = 32;  // int4 values per scale
+
+// One matrix: int8 with row-block scales, or int4 with group scales; one expert of a stack or a plain
+// matrix (expert -1).
+struct Matrix {
+  bool int4 = false;
+  const int8_t* q = nullptr;      // int8: [blocks, n, kb]
+  const uint8_t* p = nullptr;     // int4: [n, groups, 16]
+  const at::BFloat16* s = nullptr;  // int8: [blocks, n]; int4: [n, groups]
+  int64_t blocks = 1, n = 0, kb = 0, groups = 0;
+  int64_t in_features() const { return int4 ? groups * kGroup : blocks * kb; }
 };
 
-Int8Matrix matrix_of(const torch::Tensor& q, const torch::Tensor& s, int64_t expert) {
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous() && q.device().is_cpu(), "weights must be contiguous int8 on the CPU");
+Matrix matrix_of(const torch::Tensor& w, const torch::Tensor& s, int64_t expert) {
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "weights must be contiguous on the CPU");
   TORCH_CHECK(s.scalar_type() == torch::kBFloat16 && s.is_contiguous(), "scales must be contiguous bfloat16");
-  TORCH_CHECK(q.dim() == s.dim() + 1 && (q.dim() == 3 || q.dim() == 4), "weights must be [(E,) blocks, out, in/blocks]");
-  for (int64_t i = 0; i < s.dim(); ++i) TORCH_CHECK(q.size(i) == s.size(i), "scales do not match the weights");
-  const int64_t lead = q.dim() - 3;
-  const int64_t blocks = q.size(lead), n = q.size(lead + 1), kb = q.size(lead + 2);
+  const bool int4 = w.scalar_type() == torch::kUInt8;
+  TORCH_CHECK(int4 || w.scalar_type() == torch::kInt8, "weights must be int8 or packed int4 (uint8)");
+  TORCH_CHECK(w.dim() == s.dim() + 1 && (w.dim() == 3 || w.dim() == 4), "weights must be [(E,) a, b, c] with scales [(E,) a, b]");
+  for (int64_t i = 0; i < s.dim(); ++i) TORCH_CHECK(w.size(i) == s.size(i), "scales do not match the weights");
+  const int64_t lead = w.dim() - 3;
   int64_t offset = 0;
   if (lead == 1) {
-    TORCH_CHECK(expert >= 0 && expert < q.size(0), "expert index out of range");
+    TORCH_CHECK(expert >= 0 && expert < w.size(0), "expert index out of range");
     offset = expert;
   } else {
     TORCH_CHECK(expert < 0, "an expert index needs a stack of experts");
   }
-  return {q.data_ptr<int8_t>() + offset * blocks * n * kb, s.data_ptr<at::BFloat16>() + offset * blocks * n, blocks, n, kb};
+  Matrix m;
+  m.int4 = int4;
+  const int64_t a = w.size(lead), b = w.size(lead + 1), c = w.size(lead + 2);
+  if (int4) {
+    TORCH_CHECK(c == kGroup / 2, "packed int4 weights hold 16 bytes per group");
+    m.n = a;
+    m.groups = b;
+    m.p = w.data_ptr<uint8_t>() + offset * a * b * c;
+  } else {
+    m.blocks = a;
+    m.n = b;
+    m.kb = c;
+    m.q = w.data_ptr<int8_t>() + offset * a * b * c;
+  }
+  m.s = s.data_ptr<at::BFloat16>() + offset * a * b;
+  return m;
 }
 
-void blocked_linear(const float* x, int64_t m, int64_t k, const Int8Matrix& w, float* y) {
-  TORCH_CHECK(k == w.blocks * w.kb, "input size does not match the weights");
-  at::parallel_for(0, w.n, grain_for(w.n), [&](int64_t begin, int64_t end) {
-    blocked_rows(x, m, k, w.q, w.s, w.blocks, w.n, begin, end, y);
-  });
+// The activations as the kernels read them: float32, and for int4 weights also quantised to int8 per
+// group of 32 in the order the packed bytes hold values (elements 0..15 of a group in `lo`, 16..31 in
+// `hi`), with each group's scale and the per-lane correction for the +8 offset of the stored values.
+struct Input {
+  int64_t m = 0, k = 0;
+  std::vector<float> xf;
+  bool quantised = false;
+  std::vector<int8_t> lo, hi;
+  std::vector<float> dx;
+  std::vector<int32_t> corr;  // per 4-byte lane of a group: -8 * (sum of the 4 lo + 4 hi values it meets)
+
+  void quantise() {
+    if (quantised) return;
+    quantised = true;
+    TORCH_CHECK(k % kGroup == 0, "int4 weights need the input size to be a multiple of 32");
+    const int64_t groups = k / kGroup;
+    lo.resize(m * groups * 16);
+    hi.resize(m * groups * 16);
+    dx.resize(m * groups);
+    corr.resize(m * groups * 4);
+    for (int64_t g = 0; g < m * groups; ++g) {
+      const float* x = xf.data() + g * kGroup;
+      float absmax = 0.0f;
+      for (int64_t j = 0; j < kGroup; ++j) absmax = std::max(absmax, std::fabs(x[j]));
+      const float d = absmax / 127.0f;
+      const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+      dx[g] = d;
+      int8_t v[kGroup];
+      for (int64_t j = 0; j < kGroup; ++j)
+        v[j] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[j] * inv))));
+      for (int64_t j = 0; j < 16; ++j) {
+        lo[g * 16 + j] = v[j];
+        hi[g * 16 + j] = v[16 + j];
+      }
+      for (int64_t lane = 0; lane < 4; ++lane) {
+        int32_t sum = 0;
+        for (int64_t j = 0; j < 4; ++j) sum += v[lane * 4 + j] + v[16 + lane * 4 + j];
+        corr[g * 4 + lane] = -8 * sum;
+      }
+    }
+  }
+};
+
+Input input_of(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
+  Input in;
+  in.m = x.size(0);
+  in.k = x.size(1);
+  in.xf = as_float(x);
+  return in;
 }
 
-// hidden[m, n] = gelu_tanh(x W_gate) * (x W_up), float32.
-void geglu_rows(const float* x, int64_t m, int64_t k, const Int8Matrix& gate, const Int8Matrix& up, float* out) {
-  TORCH_CHECK(k == gate.blocks * gate.kb && gate.blocks == up.blocks && gate.n == up.n && gate.kb == up.kb,
-              "gate and up projections do not match the input");
+// sum over the groups of one int4 row: scale_g * dx_g * (sum_j (q_j + 8) * xq_j - 8 * sum_j xq_j).
+inline float dot_q4(const Input& in, int64_t row, const uint8_t* __restrict p, const at::BFloat16* __restrict s,
+                    int64_t groups) {
+  const int8_t* xlo = in.lo.data() + row * groups * 16;
+  const int8_t* xhi = in.hi.data() + row * groups * 16;
+  const float* dx = in.dx.data() + row * groups;
+  const int32_t* corr = in.corr.data() + row * groups * 4;
+  int64_t g = 0;
+  float total = 0.0f;
+#if defined(GROK1_AVX512) && defined(__AVX512VNNI__)
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc = _mm512_setzero_ps();
+  for (; g + 4 <= groups; g += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + g * 16 + GROK1_PREFETCH), _MM_HINT_T0);
+    const __m512i bytes = _mm512_loadu_si512(p + g * 16);
+    const __m512i low = _mm512_and_si512(bytes, nibble);
+    const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+    __m512i dot = _mm512_loadu_si512(corr + g * 4);
+    dot = _mm512_dpbusd_epi32(dot, low, _mm512_loadu_si512(xlo + g * 16));
+    dot = _mm512_dpbusd_epi32(dot, high, _mm512_loadu_si512(xhi + g * 16));
+    const __m128i scale_bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + g));
+    const __m128 scales = _mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(scale_bits), 16)), _mm_loadu_ps(dx + g));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales)), acc);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; g < groups; ++g) {
+    int32_t dot = corr[g * 4] + corr[g * 4 + 1] + corr[g * 4 + 2] + corr[g * 4 + 3];
+    for (int64_t j = 0; j < 16; ++j)
+      dot += static_cast<int32_t>(p[g * 16 + j] & 0x0F) * xlo[g * 16 + j] + static_cast<int32_t>(p[g * 16 + j] >> 4) * xhi[g * 16 + j];
+    total += static_cast<float>(s[g]) * dx[g] * static_cast<float>(dot);
+  }
+  return total;
+}
+
+// y[r, n] (leading dimension w.n) for the columns n in [begin, end).
+void matrix_rows(const Matrix& w, Input& in, int64_t begin, int64_t end, float* y) {
+  if (w.int4) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t r = 0; r < in.m; ++r)
+        y[r * w.n + n] = dot_q4(in, r, w.p + n * w.groups * 16, w.s + n * w.groups, w.groups);
+  } else {
+    blocked_rows(in.xf.data(), in.m, in.k, w.q, w.s, w.blocks, w.n, begin, end, y);
+  }
+}
+
+void check_input(const Matrix& w, Input& in) {
+  TORCH_CHECK(in.k == w.in_features(), "input size ", in.k, " does not match the weights' ", w.in_features());
+  if (w.int4) in.quantise();
+}
+
+void linear_into(const Matrix& w, Input& in, float* y) {
+  check_input(w, in);
+  at::parallel_for(0, w.n, grain_for(w.n), [&](int64_t begin, int64_t end) { matrix_rows(w, in, begin, end, y); });
+}
+
+// out[r, n] = gelu_tanh(x W_gate) * (x W_up), float32.
+void geglu_into(const Matrix& gate, const Matrix& up, Input& in, float* out) {
+  TORCH_CHECK(gate.n == up.n, "gate and up projections differ in size");
+  check_input(gate, in);
+  check_input(up, in);
+  std::vector<float> up_out(in.m * up.n);
   const float sqrt_2_over_pi = 0.7978845608028654f;
-  const int64_t n_out = gate.n, kb = gate.kb;
-  at::parallel_for(0, n_out, grain_for(n_out), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t r = 0; r < m; ++r) {
-        float g = 0.0f, u = 0.0f;
-        for (int64_t b = 0; b < gate.blocks; ++b) {
-          const float* xb = x + r * k + b * kb;
-          g += bf16_to_float(gate.s[b * n_out + n]) * dot_f32_i8(xb, gate.q + (b * n_out + n) * kb, kb);
-          u += bf16_to_float(up.s[b * n_out + n]) * dot_f32_i8(xb, up.q + (b * n_out + n) * kb, kb);
-        }
+  at::parallel_for(0, gate.n, grain_for(gate.n), [&](int64_t begin, int64_t end) {
+    matrix_rows(gate, in, begin, end, out);
+    matrix_rows(up, in, begin, end, up_out.data());
+    for (int64_t r = 0; r < in.m; ++r) {
+      for (int64_t n = begin; n < end; ++n) {
+        const float g = out[r * gate.n + n], u = up_out[r * gate.n + n];
         const float inner = sqrt_2_over_pi * (g + 0.044715f * g * g * g);
-        out[r * n_out + n] = 0.5f * g * (1.0f + std::tanh(inner)) * u;
+        out[r * gate.n + n] = 0.5f * g * (1.0f + std::tanh(inner)) * u;
       }
     }
   });
@@ -192,12 +338,11 @@ void geglu_rows(const float* x, int64_t m, int64_t k, const Int8Matrix& gate, co
 
 // x [M, K] (any float dtype) @ one matrix (expert -1) or one expert of a stack -> [M, N], float32 or
 // x's dtype.
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s, int64_t expert, bool float_out) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
-  const Int8Matrix w = matrix_of(q, s, expert);
-  const auto xf = as_float(x);
-  auto y = torch::empty({x.size(0), w.n}, torch::kFloat32);
-  blocked_linear(xf.data(), x.size(0), x.size(1), w, y.data_ptr<float>());
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t expert, bool float_out) {
+  const Matrix mat = matrix_of(w, s, expert);
+  Input in = input_of(x);
+  auto y = torch::empty({in.m, mat.n}, torch::kFloat32);
+  linear_into(mat, in, y.data_ptr<float>());
   return float_out ? y : y.to(x.scalar_type());
 }
 
@@ -221,19 +366,16 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
 
 // The gated half of a GeGLU expert in one pass over both matrices:
 // gelu_tanh(x @ W_gate) * (x @ W_up), computed in float32 and returned in x's dtype.
-torch::Tensor int8_geglu(torch::Tensor x, torch::Tensor q_gate, torch::Tensor s_gate, torch::Tensor q_up,
-                         torch::Tensor s_up, int64_t expert) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
-  const Int8Matrix gate = matrix_of(q_gate, s_gate, expert), up = matrix_of(q_up, s_up, expert);
-  const auto xf = as_float(x);
-  auto out = torch::empty({x.size(0), gate.n}, torch::kFloat32);
-  geglu_rows(xf.data(), x.size(0), x.size(1), gate, up, out.data_ptr<float>());
+torch::Tensor geglu(torch::Tensor x, torch::Tensor w_gate, torch::Tensor s_gate, torch::Tensor w_up,
+                    torch::Tensor s_up, int64_t expert) {
+  const Matrix gate = matrix_of(w_gate, s_gate, expert), up = matrix_of(w_up, s_up, expert);
+  Input in = input_of(x);
+  auto out = torch::empty({in.m, gate.n}, torch::kFloat32);
+  geglu_into(gate, up, in, out.data_ptr<float>());
   return out.to(x.scalar_type());
 }
 
 namespace {
-
-inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
 
 // out = T(scale * x * rsqrt(mean(x^2) + eps)) for one row of length d.
 inline void rms_norm_row(const float* x, const float* scale, int64_t d, double eps, at::BFloat16* out) {
@@ -345,7 +487,7 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
   auto out = torch::empty({batch, hq * dv}, q.options());
   const float mult = static_cast<float>(multiplier), capf = static_cast<float>(cap);
   at::parallel_for(0, batch * hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(span), key(dk), acc(dv);
+    std::vector<float> scores(span), acc(dv);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / hq, h = task % hq, kvh = h / group, p = pp[b];
       const float* qr = q_rot.data_ptr<float>() + task * dk;
@@ -359,11 +501,7 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
           scores[s] = -std::numeric_limits<float>::infinity();
           continue;
         }
-        const at::BFloat16* kr = kc + s * dk;
-        for (int64_t i = 0; i < dk; ++i) key[i] = static_cast<float>(kr[i]);
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < dk; ++i) dot += qr[i] * key[i];
+        const float dot = dot_f32_bf16(qr, kc + s * dk, dk);
         const float score = capf * std::tanh(round_bf16(dot) * mult / capf);
         scores[s] = score;
         max_score = std::max(max_score, score);
@@ -378,9 +516,7 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t s = 0; s < span; ++s) {
         if (scores[s] == 0.0f) continue;
-        const float prob = round_bf16(scores[s] / total);
-        const at::BFloat16* vr = vc + s * dv;
-        for (int64_t i = 0; i < dv; ++i) acc[i] += prob * static_cast<float>(vr[i]);
+        axpy_bf16(acc.data(), round_bf16(scores[s] / total), vc + s * dv, dv);
       }
       at::BFloat16* o = out.data_ptr<at::BFloat16>() + b * hq * dv + h * dv;
       for (int64_t i = 0; i < dv; ++i) o[i] = at::BFloat16(acc[i]);
@@ -426,27 +562,34 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor router, int64_t 
 // y = bf16(hidden Wd), out[rows[i]] += weights[i] * y[i] (x bfloat16 [N, D], out float32 [N, D]).
 // The roundings are those of the fast path's separate steps (each projection returns bfloat16), so
 // both give the same numbers.
-void int8_expert_add(torch::Tensor x, std::vector<int64_t> rows, std::vector<double> weights,
-                     torch::Tensor q_gate, torch::Tensor s_gate, torch::Tensor q_up, torch::Tensor s_up,
-                     torch::Tensor q_down, torch::Tensor s_down, int64_t expert, torch::Tensor out) {
+void expert_add(torch::Tensor x, std::vector<int64_t> rows, std::vector<double> weights, torch::Tensor w_gate,
+                torch::Tensor s_gate, torch::Tensor w_up, torch::Tensor s_up, torch::Tensor w_down,
+                torch::Tensor s_down, int64_t expert, torch::Tensor out) {
   check_rows(x, "x");
   TORCH_CHECK(rows.size() == weights.size(), "one weight per row");
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0),
               "out must be float32 [N, D]");
-  const Int8Matrix gate = matrix_of(q_gate, s_gate, expert), up = matrix_of(q_up, s_up, expert);
-  const Int8Matrix down = matrix_of(q_down, s_down, expert);
-  TORCH_CHECK(down.n == out.size(1) && down.blocks * down.kb == gate.n, "down projection does not match");
-  const int64_t m = static_cast<int64_t>(rows.size()), d = x.size(1), f = gate.n;
-  std::vector<float> xs(m * d);
+  const Matrix gate = matrix_of(w_gate, s_gate, expert), up = matrix_of(w_up, s_up, expert);
+  const Matrix down = matrix_of(w_down, s_down, expert);
+  TORCH_CHECK(down.n == out.size(1) && down.in_features() == gate.n, "down projection does not match");
+  const int64_t m = static_cast<int64_t>(rows.size()), d = x.size(1);
+  Input in;
+  in.m = m;
+  in.k = d;
+  in.xf.resize(m * d);
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   for (int64_t i = 0; i < m; ++i) {
     TORCH_CHECK(rows[i] >= 0 && rows[i] < x.size(0), "row index out of range");
-    for (int64_t j = 0; j < d; ++j) xs[i * d + j] = static_cast<float>(xp[rows[i] * d + j]);
+    for (int64_t j = 0; j < d; ++j) in.xf[i * d + j] = static_cast<float>(xp[rows[i] * d + j]);
   }
-  std::vector<float> hidden(m * f), y(m * down.n);
-  geglu_rows(xs.data(), m, d, gate, up, hidden.data());
-  for (auto& h : hidden) h = round_bf16(h);  // the down projection's input is bfloat16
-  blocked_linear(hidden.data(), m, f, down, y.data());
+  Input hidden;
+  hidden.m = m;
+  hidden.k = gate.n;
+  hidden.xf.resize(m * gate.n);
+  geglu_into(gate, up, in, hidden.xf.data());
+  for (auto& h : hidden.xf) h = round_bf16(h);  // the down projection's input is bfloat16
+  std::vector<float> y(m * down.n);
+  linear_into(down, hidden, y.data());
   for (int64_t i = 0; i < m; ++i) {
     const float g = static_cast<float>(weights[i]);
     float* dst = out.data_ptr<float>() + rows[i] * down.n;
@@ -455,13 +598,76 @@ void int8_expert_add(torch::Tensor x, std::vector<int64_t> rows, std::vector<dou
   }
 }
 
+// A decoder layer's attention half for one new token per row, as one call: pre-norm, q/k/v
+// projections (rounded to bfloat16), attention_decode, output projection (bfloat16), post-norm and
+// residual add, and the MoE half's pre-norm. norms = (pre, post, next); weights = (q, q scales, k, k
+// scales, v, v scales, out, out scales). Returns (h, the MoE's input). Same numbers as the separate
+// calls.
+std::vector<torch::Tensor> attention_block(torch::Tensor h, std::vector<torch::Tensor> norms, double eps,
+                                           std::vector<torch::Tensor> weights, torch::Tensor cos, torch::Tensor sin,
+                                           torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor positions,
+                                           torch::Tensor key_valid, int64_t span, double multiplier, double cap) {
+  TORCH_CHECK(norms.size() == 3 && weights.size() == 8, "attention_block takes 3 norm scales and 4 weights with their scales");
+  const auto x = rms_norm(h, norms[0], eps);
+  const auto q = linear(x, weights[0], weights[1], -1, false);
+  const auto k = linear(x, weights[2], weights[3], -1, false);
+  const auto v = linear(x, weights[4], weights[5], -1, false);
+  const auto attended = attention_decode(q, k, v, cos, sin, k_cache, v_cache, positions, key_valid, span, multiplier, cap);
+  const auto out = linear(attended, weights[6], weights[7], -1, false);
+  return add_rms_norm(h, out, norms[1], norms[2], eps);
+}
+
+// A decoder layer's MoE half for one new token per row, as one call: routing, each selected expert on
+// its rows (in order of first selection, as grok1/model.py groups them), the gated sum in float32,
+// then h + post_norm(bf16(sum)). stacks = (gate, gate scales, up, up scales, down, down scales).
+torch::Tensor moe_block(torch::Tensor x, torch::Tensor h, torch::Tensor router, int64_t k,
+                        std::vector<torch::Tensor> stacks, torch::Tensor post_scale, double eps) {
+  TORCH_CHECK(stacks.size() == 6, "moe_block takes 3 expert stacks with their scales");
+  const auto routed = route(x, router, k);
+  const float* gates = routed[0].data_ptr<float>();
+  const int64_t* experts = routed[1].data_ptr<int64_t>();
+  std::vector<int64_t> order;
+  std::vector<std::vector<int64_t>> rows;
+  std::vector<std::vector<double>> weights;
+  for (int64_t r = 0; r < x.size(0); ++r) {
+    for (int64_t slot = 0; slot < k; ++slot) {
+      const int64_t e = experts[r * k + slot];
+      auto at = std::find(order.begin(), order.end(), e);
+      size_t index = at - order.begin();
+      if (at == order.end()) {
+        order.push_back(e);
+        rows.emplace_back();
+        weights.emplace_back();
+      }
+      rows[index].push_back(r);
+      weights[index].push_back(gates[r * k + slot]);
+    }
+  }
+  auto out = torch::zeros({x.size(0), x.size(1)}, torch::kFloat32);
+  for (size_t i = 0; i < order.size(); ++i)
+    expert_add(x, rows[i], weights[i], stacks[0], stacks[1], stacks[2], stacks[3], stacks[4], stacks[5], order[i], out);
+  return add_rms_norm(h, out, post_scale, c10::nullopt, eps)[0];
+}
+
+// Whether this build has the int4 kernel (AVX-512 VNNI); elsewhere int4 goes through PyTorch's.
+bool has_int4() {
+#if defined(GROK1_AVX512) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "x @ W for a blocked-scale int8 W");
-  m.def("int8_geglu", &int8_geglu, "gelu_tanh(x @ W_gate) * (x @ W_up) for int8 W_gate, W_up");
+  m.def("linear", &linear, "x @ W for an int8 (blocked scales) or int4 (group scales) W");
+  m.def("geglu", &geglu, "gelu_tanh(x @ W_gate) * (x @ W_up) in one pass over both");
+  m.def("expert_add", &expert_add, "one GeGLU expert on its rows, gated and added into out");
   m.def("bf16_linear", &bf16_linear, "x @ w.T for a bfloat16 w, bfloat16 result");
   m.def("rms_norm", &rms_norm, "RMS norm of bfloat16 rows");
   m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y), and the next pre-norm of the sum");
   m.def("attention_decode", &attention_decode, "RoPE, KV-cache write and attention for one query per row");
   m.def("route", &route, "router softmax and top-k");
-  m.def("int8_expert_add", &int8_expert_add, "one int8 GeGLU expert, gated and added into out");
+  m.def("attention_block", &attention_block, "a decoder layer's attention half for one token per row");
+  m.def("moe_block", &moe_block, "a decoder layer's MoE half for one token per row");
+  m.def("has_int4", &has_int4, "whether the int4 kernel was built");
 }
