@@ -41,12 +41,13 @@ def tensor_bytes(value) -> int:
 
 def active_bytes(model) -> int:
     """Weight bytes one decoded token reads: attention, router, norms, the chosen experts' share of
-    each expert stack, and the output head (the bf16 embedding table) — as stored."""
+    each expert stack, and the output head (the bf16 embedding table, or its quantised copy) — as
+    stored."""
     cfg = model.config
     total = 0
     for path, value in model.named_official_weights():
         if path.endswith("in_out_embed/embeddings"):
-            total += tensor_bytes(value)
+            total += tensor_bytes(value if model.head is None else model.head)
         elif "/moe/linear" in path:
             total += tensor_bytes(value) * cfg.num_selected_experts // cfg.num_experts
         else:
@@ -54,8 +55,8 @@ def active_bytes(model) -> int:
     return total
 
 
-def run_grok1(path: str, prompt: list[int], new_tokens: int, profile: bool) -> dict:
-    model = grok1.load(path)
+def run_grok1(path: str, prompt: list[int], new_tokens: int, profile: bool, head: str = "bf16") -> dict:
+    model = grok1.load(path, head=head)
     greedy = SamplingParams(temperature=0)
     list(stream_batch(model, [prompt[:16]], max_new_tokens=4, sampling=greedy, ignore_eos=True))  # warm-up
     stats = GenerationStats()
@@ -124,19 +125,24 @@ def main() -> None:
     results: dict = {"threads": args.threads, "read_bandwidth_gb_s": bandwidth, "config": "mid"}
     rows = [("machine read bandwidth", f"{bandwidth:.1f} GB/s (best of 5 reads of 1 GiB, {args.threads} threads)")]
     for quant, path in paths.items():
-        r = run_grok1(path, prompt, args.new_tokens, args.profile)
-        roofline = bandwidth * 1e9 / r["active_bytes"]
-        r["roofline_tok_s"] = roofline
-        r["roofline_fraction"] = r["decode_tok_s"] / roofline
-        results[f"grok1_{quant}"] = {k: v for k, v in r.items() if k != "profile"}
-        rows += [
-            (f"grok1 {quant}: active bytes per token", f"{r['active_bytes'] / 1e6:.1f} MB (bf16 output head included)"),
-            (f"grok1 {quant}: prefill ({args.prompt_tokens} tokens)", f"{r['prefill_tok_s']:.1f} tok/s"),
-            (f"grok1 {quant}: decode ({args.new_tokens} tokens)", f"{r['decode_tok_s']:.1f} tok/s = "
-             f"{100 * r['roofline_fraction']:.0f} % of the roofline ({roofline:.1f} tok/s)"),
-        ]
-        if args.profile:
-            print(f"profile of decode steps, {quant}:\n{r['profile']}")
+        # The output head as llama.cpp's file of the same type stores it (Q8_0 / Q4_0 token_embd), the
+        # like-for-like comparison; and as bfloat16, the exact head.
+        for head in (quant, "bf16"):
+            r = run_grok1(path, prompt, args.new_tokens, args.profile, head)
+            roofline = bandwidth * 1e9 / r["active_bytes"]
+            r["roofline_tok_s"] = roofline
+            r["roofline_fraction"] = r["decode_tok_s"] / roofline
+            key = f"grok1_{quant}" if head == quant else f"grok1_{quant}_bf16_head"
+            results[key] = {k: v for k, v in r.items() if k != "profile"}
+            label = f"grok1 {quant}, {head} head"
+            rows += [
+                (f"{label}: active bytes per token", f"{r['active_bytes'] / 1e6:.1f} MB (output head included)"),
+                (f"{label}: prefill ({args.prompt_tokens} tokens)", f"{r['prefill_tok_s']:.1f} tok/s"),
+                (f"{label}: decode ({args.new_tokens} tokens)", f"{r['decode_tok_s']:.1f} tok/s = "
+                 f"{100 * r['roofline_fraction']:.0f} % of the roofline ({roofline:.1f} tok/s)"),
+            ]
+            if args.profile:
+                print(f"profile of decode steps, {label}:\n{r['profile']}")
     try:
         import llama_cpp  # noqa: F401
 

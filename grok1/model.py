@@ -8,6 +8,7 @@ here are the official code's: they are what makes the float32 path reproduce the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,9 +27,18 @@ KEY_SPAN_STEP = 64
 ROW_PARALLEL = ("multi_head_attention/linear", "moe/linear_1")
 
 
+@functools.lru_cache(maxsize=64)
 def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A Python float the way JAX's weak typing applies it: rounded to the array's dtype first."""
+    """A Python float the way JAX's weak typing applies it: rounded to the array's dtype first.
+    (Made once per value, dtype and device: a decode step uses the same few every time.)"""
     return torch.tensor(value, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def rope_inverse_frequencies(dk: int, base: int, device: torch.device) -> torch.Tensor:
+    """§5.2: 1 / base^(2i/dk), float32 [dk/2]."""
+    exponents = torch.arange(0, dk, 2, dtype=torch.float32, device=device)
+    return 1.0 / (base ** (exponents / dk))
 
 
 @dataclass(frozen=True)
@@ -98,8 +108,7 @@ def project(x: torch.Tensor, w: Int8Weight, fast: bool = False) -> torch.Tensor:
 
 def rope_angles(positions: torch.Tensor, dk: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
     """§5.2: cos and sin of the RoPE angles [B, T, 1, dk] (float32), shared by q and k of every layer."""
-    exponents = torch.arange(0, dk, 2, dtype=torch.float32, device=positions.device)
-    inv_freq = 1.0 / (base ** (exponents / dk))
+    inv_freq = rope_inverse_frequencies(dk, base, positions.device)
     phase = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, dk/2]
     theta = torch.cat([phase, phase], dim=-1)[:, :, None, :]
     return torch.cos(theta), torch.sin(theta)
@@ -544,9 +553,10 @@ class Grok1(nn.Module):
             for i, layer in enumerate(self.layers):
                 kv = None if cache is None else (cache.k[i], cache.v[i])
                 h = layer(h, positions, mask, kv, angles)
-        if logits_index is not None:
+        if logits_index is not None and not fused_decode:  # one position per row: nothing to pick
             h = h[torch.arange(b, device=device), logits_index.to(device)][:, None, :]
-        y = self.rms_norm(h)
+        y = kernels.rms_norm(h.view(b, -1), self.rms_norm.scale, self.rms_norm.eps).view(b, 1, -1) if fused_decode \
+            else self.rms_norm(h)
         if self.head is not None and self.fast and shard is None:
             logits = self.head.linear(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
         elif fused_decode and self.embeddings.dtype == torch.bfloat16:

@@ -271,7 +271,7 @@ inline float dot_q4(const Input& in, int64_t row, const uint8_t* __restrict p, c
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 acc = _mm512_setzero_ps();
   for (; g + 4 <= groups; g += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(p + g * 16 + GROK1_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + g * 16 + 2 * GROK1_PREFETCH), _MM_HINT_T0);  // int4: the same number of values ahead as int8
     const __m512i bytes = _mm512_loadu_si512(p + g * 16);
     const __m512i low = _mm512_and_si512(bytes, nibble);
     const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
@@ -432,6 +432,65 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor h, torch::Tensor y, torch:
   return {h_out, rms_norm(h_out, *next_scale, eps)};
 }
 
+#if defined(GROK1_AVX512)
+// e^x for float32 lanes (Cephes' polynomial after a reduction by ln 2; within 2 ulp).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+  poly = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(poly, n);
+}
+
+// tanh(x) = sign(x) (1 - 2 / (e^{2|x|} + 1)), and x (1 - x^2/3) near 0 where that loses precision.
+inline __m512 tanh_ps(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 e = exp_ps(_mm512_add_ps(ax, ax));
+  const __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+  const __m512 small = _mm512_mul_ps(ax, _mm512_fnmadd_ps(_mm512_mul_ps(ax, ax), _mm512_set1_ps(1.0f / 3.0f), _mm512_set1_ps(1.0f)));
+  const __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(4e-3f), _CMP_LT_OQ), big, small);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t),
+                                             _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000))));
+}
+#endif
+
+// row[s] <- softmax over the visible slots of cap * tanh(row[s] / cap) (0 where not visible).
+inline void softcap_softmax(float* row, const uint8_t* visible, int64_t n, float cap) {
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t s = 0;
+#if defined(GROK1_AVX512)
+  const __m512 capv = _mm512_set1_ps(cap), inv_cap = _mm512_set1_ps(1.0f / cap);
+  for (; s + 16 <= n; s += 16) {
+    const __m512 capped = _mm512_mul_ps(capv, tanh_ps(_mm512_mul_ps(_mm512_loadu_ps(row + s), inv_cap)));
+    _mm512_storeu_ps(row + s, capped);
+  }
+#endif
+  for (; s < n; ++s) row[s] = cap * std::tanh(row[s] / cap);
+  for (s = 0; s < n; ++s)
+    if (visible[s]) top = std::max(top, row[s]);
+  float total = 0.0f;
+  s = 0;
+#if defined(GROK1_AVX512)
+  const __m512 topv = _mm512_set1_ps(top);
+  for (; s + 16 <= n; s += 16) _mm512_storeu_ps(row + s, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + s), topv)));
+#endif
+  for (; s < n; ++s) row[s] = std::exp(row[s] - top);
+  for (s = 0; s < n; ++s) {
+    if (!visible[s]) row[s] = 0.0f;
+    total += row[s];
+  }
+  const float inv = 1.0f / total;
+  for (s = 0; s < n; ++s) row[s] *= inv;
+}
+
 // One query per row. q [B, Hq*dk], k [B, Hkv*dk], v [B, Hkv*dv] (bfloat16, before RoPE); cos, sin
 // [B, dk] float32; caches [B, Hkv, S, d] bfloat16; positions [B] int64; key_valid [B, S] bool.
 // Applies RoPE (half split) to q and k, writes k and v at each row's position, and attends to the
@@ -486,40 +545,55 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
   auto out = torch::empty({batch, hq * dv}, q.options());
   const float mult = static_cast<float>(multiplier), capf = static_cast<float>(cap);
-  at::parallel_for(0, batch * hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(span), acc(dv);
+  // One task per (row, kv head): its `group` query heads share every key and value read.
+  at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * span), key(dk), value(dv), acc(group * dv);
+    std::vector<uint8_t> visible(span);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / hq, h = task % hq, kvh = h / group, p = pp[b];
-      const float* qr = q_rot.data_ptr<float>() + task * dk;
+      const int64_t b = task / hkv, kvh = task % hkv, p = pp[b];
+      const float* qr = q_rot.data_ptr<float>() + (b * hq + kvh * group) * dk;
       const at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + (b * hkv + kvh) * slots * dk;
       const at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + (b * hkv + kvh) * slots * dv;
       const bool* kv_ok = vp + b * slots;
-      float max_score = -std::numeric_limits<float>::infinity();
-      int64_t visible = 0;
+      int64_t count = 0;
       for (int64_t s = 0; s < span; ++s) {
-        if (s > p || !kv_ok[s]) {
-          scores[s] = -std::numeric_limits<float>::infinity();
-          continue;
+        visible[s] = s <= p && kv_ok[s];
+        if (!visible[s]) continue;
+        ++count;
+        const at::BFloat16* kr = kc + s * dk;
+        for (int64_t i = 0; i < dk; ++i) key[i] = static_cast<float>(kr[i]);
+        for (int64_t h = 0; h < group; ++h) {
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < dk; ++i) dot += qr[h * dk + i] * key[i];
+          scores[h * span + s] = round_bf16(dot) * mult;  // the score matmul's result is bfloat16
         }
-        const float dot = dot_f32_bf16(qr, kc + s * dk, dk);
-        const float score = capf * std::tanh(round_bf16(dot) * mult / capf);
-        scores[s] = score;
-        max_score = std::max(max_score, score);
-        ++visible;
       }
-      float total = 0.0f;
-      for (int64_t s = 0; s < span; ++s) {
-        const float e = visible == 0 ? 1.0f : (scores[s] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(scores[s] - max_score));
-        scores[s] = e;
-        total += e;
+      for (int64_t h = 0; h < group; ++h) {
+        float* row = scores.data() + h * span;
+        if (count == 0) {  // fully masked: the softmax of equal fill values is uniform over the span
+          std::fill(row, row + span, 1.0f / static_cast<float>(span));
+        } else {
+          softcap_softmax(row, visible.data(), span, capf);
+        }
+        for (int64_t s = 0; s < span; ++s) row[s] = round_bf16(row[s]);  // probabilities in bfloat16
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t s = 0; s < span; ++s) {
-        if (scores[s] == 0.0f) continue;
-        axpy_bf16(acc.data(), round_bf16(scores[s] / total), vc + s * dv, dv);
+        if (count != 0 && !visible[s]) continue;
+        const at::BFloat16* vr = vc + s * dv;
+        for (int64_t i = 0; i < dv; ++i) value[i] = static_cast<float>(vr[i]);
+        for (int64_t h = 0; h < group; ++h) {
+          const float prob = scores[h * span + s];
+          float* a = acc.data() + h * dv;
+#pragma omp simd
+          for (int64_t i = 0; i < dv; ++i) a[i] += prob * value[i];
+        }
       }
-      at::BFloat16* o = out.data_ptr<at::BFloat16>() + b * hq * dv + h * dv;
-      for (int64_t i = 0; i < dv; ++i) o[i] = at::BFloat16(acc[i]);
+      for (int64_t h = 0; h < group; ++h) {
+        at::BFloat16* o = out.data_ptr<at::BFloat16>() + (b * hq + kvh * group + h) * dv;
+        for (int64_t i = 0; i < dv; ++i) o[i] = at::BFloat16(acc[h * dv + i]);
+      }
     }
   });
   return out;
