@@ -218,31 +218,43 @@ struct Input {
 
   void quantise() {
     if (quantised) return;
-    quantised = true;
+    allocate_quantised();
+    quantise_groups(0, k / kGroup);
+  }
+
+  void allocate_quantised() {
     TORCH_CHECK(k % kGroup == 0, "int4 weights need the input size to be a multiple of 32");
     const int64_t groups = k / kGroup;
     lo.resize(m * groups * 16);
     hi.resize(m * groups * 16);
     dx.resize(m * groups);
     corr.resize(m * groups * 4);
-    for (int64_t g = 0; g < m * groups; ++g) {
-      const float* x = xf.data() + g * kGroup;
-      float absmax = 0.0f;
-      for (int64_t j = 0; j < kGroup; ++j) absmax = std::max(absmax, std::fabs(x[j]));
-      const float d = absmax / 127.0f;
-      const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-      dx[g] = d;
-      int8_t v[kGroup];
-      for (int64_t j = 0; j < kGroup; ++j)
-        v[j] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[j] * inv))));
-      for (int64_t j = 0; j < 16; ++j) {
-        lo[g * 16 + j] = v[j];
-        hi[g * 16 + j] = v[16 + j];
-      }
-      for (int64_t lane = 0; lane < 4; ++lane) {
-        int32_t sum = 0;
-        for (int64_t j = 0; j < 4; ++j) sum += v[lane * 4 + j] + v[16 + lane * 4 + j];
-        corr[g * 4 + lane] = -8 * sum;
+    quantised = true;
+  }
+
+  // Groups [first, last) of every row (allocate_quantised first).
+  void quantise_groups(int64_t first, int64_t last) {
+    const int64_t groups = k / kGroup;
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t g = r * groups + first; g < r * groups + last; ++g) {
+        const float* x = xf.data() + g * kGroup;
+        float absmax = 0.0f;
+        for (int64_t j = 0; j < kGroup; ++j) absmax = std::max(absmax, std::fabs(x[j]));
+        const float d = absmax / 127.0f;
+        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        dx[g] = d;
+        int8_t v[kGroup];
+        for (int64_t j = 0; j < kGroup; ++j)
+          v[j] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[j] * inv))));
+        for (int64_t j = 0; j < 16; ++j) {
+          lo[g * 16 + j] = v[j];
+          hi[g * 16 + j] = v[16 + j];
+        }
+        for (int64_t lane = 0; lane < 4; ++lane) {
+          int32_t sum = 0;
+          for (int64_t j = 0; j < 4; ++j) sum += v[lane * 4 + j] + v[16 + lane * 4 + j];
+          corr[g * 4 + lane] = -8 * sum;
+        }
       }
     }
   }
@@ -307,6 +319,24 @@ void matrix_rows(const Matrix& w, Input& in, int64_t begin, int64_t end, float* 
 void check_input(const Matrix& w, Input& in) {
   TORCH_CHECK(in.k == w.in_features(), "input size ", in.k, " does not match the weights' ", w.in_features());
   if (w.int4) in.quantise();
+}
+
+// Several matrices on the same input in one parallel pass: their output columns laid end to end and
+// split among the threads.
+void linears_into(const std::vector<Matrix>& ws, Input& in, const std::vector<float*>& ys) {
+  int64_t total = 0;
+  for (const auto& w : ws) {
+    check_input(w, in);
+    total += w.n;
+  }
+  at::parallel_for(0, total, grain_for(total), [&](int64_t begin, int64_t end) {
+    int64_t offset = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + ws[i].n);
+      if (lo < hi) matrix_rows(ws[i], in, lo - offset, hi - offset, ys[i]);
+      offset += ws[i].n;
+    }
+  });
 }
 
 void linear_into(const Matrix& w, Input& in, float* y) {
@@ -632,6 +662,68 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor router, int64_t 
   return {gates, experts};
 }
 
+namespace {
+
+// One GeGLU expert on prepared inputs (rows[i] of out receives row i of `in`): hidden =
+// bf16(gelu(x Wg) * (x Wu)), y = bf16(hidden Wd), out[rows[i]] += weights[i] * y[i]. Two parallel
+// passes, each thread on its own columns: gate/up (and, for an int4 down projection, quantising its
+// share of the hidden activations), then down with the gated accumulation.
+void expert_into(const Matrix& gate, const Matrix& up, const Matrix& down, Input& in, const std::vector<int64_t>& rows,
+                 const std::vector<double>& weights, float* out, int64_t out_cols) {
+  TORCH_CHECK(gate.n == up.n && down.in_features() == gate.n && down.n == out_cols, "expert projections do not match");
+  check_input(gate, in);
+  check_input(up, in);
+  const int64_t m = in.m, f = gate.n;
+  Input hidden;
+  hidden.m = m;
+  hidden.k = f;
+  hidden.xf.resize(m * f);
+  if (down.int4) hidden.allocate_quantised();
+  std::vector<float> up_out(m * f);
+  const float sqrt_2_over_pi = 0.7978845608028654f;
+  // Column chunks of 64 (whole int4 groups), so each thread quantises exactly the groups it wrote.
+  const int64_t chunk = 2 * kGroup, chunks = (f + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, grain_for(f) / chunk), [&](int64_t c0, int64_t c1) {
+    const int64_t begin = c0 * chunk, end = std::min(f, c1 * chunk);
+    matrix_rows(gate, in, begin, end, hidden.xf.data());
+    matrix_rows(up, in, begin, end, up_out.data());
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t n = begin; n < end; ++n) {
+        const float g = hidden.xf[r * f + n], u = up_out[r * f + n];
+        const float inner = sqrt_2_over_pi * (g + 0.044715f * g * g * g);
+        hidden.xf[r * f + n] = round_bf16(0.5f * g * (1.0f + std::tanh(inner)) * u);  // bfloat16 input to down
+      }
+    }
+    if (down.int4) hidden.quantise_groups(begin / kGroup, (end + kGroup - 1) / kGroup);
+  });
+  std::vector<float> y(m * down.n);
+  at::parallel_for(0, down.n, grain_for(down.n), [&](int64_t begin, int64_t end) {
+    matrix_rows(down, hidden, begin, end, y.data());
+    for (int64_t i = 0; i < m; ++i) {
+      const float g = static_cast<float>(weights[i]);
+      float* dst = out + rows[i] * out_cols;
+      for (int64_t n = begin; n < end; ++n) dst[n] += g * round_bf16(y[i * down.n + n]);
+    }
+  });
+}
+
+// Rows `rows` of bfloat16 x as kernel input.
+Input rows_of(const torch::Tensor& x, const std::vector<int64_t>& rows) {
+  const int64_t d = x.size(1);
+  Input in;
+  in.m = static_cast<int64_t>(rows.size());
+  in.k = d;
+  in.xf.resize(in.m * d);
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < in.m; ++i) {
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < x.size(0), "row index out of range");
+    for (int64_t j = 0; j < d; ++j) in.xf[i * d + j] = static_cast<float>(xp[rows[i] * d + j]);
+  }
+  return in;
+}
+
+}  // namespace
+
 // One expert of a MoE layer on the rows routed to it: hidden = bf16(gelu(x Wg) * (x Wu)),
 // y = bf16(hidden Wd), out[rows[i]] += weights[i] * y[i] (x bfloat16 [N, D], out float32 [N, D]).
 // The roundings are those of the fast path's separate steps (each projection returns bfloat16), so
@@ -645,31 +737,8 @@ void expert_add(torch::Tensor x, std::vector<int64_t> rows, std::vector<double> 
               "out must be float32 [N, D]");
   const Matrix gate = matrix_of(w_gate, s_gate, expert), up = matrix_of(w_up, s_up, expert);
   const Matrix down = matrix_of(w_down, s_down, expert);
-  TORCH_CHECK(down.n == out.size(1) && down.in_features() == gate.n, "down projection does not match");
-  const int64_t m = static_cast<int64_t>(rows.size()), d = x.size(1);
-  Input in;
-  in.m = m;
-  in.k = d;
-  in.xf.resize(m * d);
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < m; ++i) {
-    TORCH_CHECK(rows[i] >= 0 && rows[i] < x.size(0), "row index out of range");
-    for (int64_t j = 0; j < d; ++j) in.xf[i * d + j] = static_cast<float>(xp[rows[i] * d + j]);
-  }
-  Input hidden;
-  hidden.m = m;
-  hidden.k = gate.n;
-  hidden.xf.resize(m * gate.n);
-  geglu_into(gate, up, in, hidden.xf.data());
-  for (auto& h : hidden.xf) h = round_bf16(h);  // the down projection's input is bfloat16
-  std::vector<float> y(m * down.n);
-  linear_into(down, hidden, y.data());
-  for (int64_t i = 0; i < m; ++i) {
-    const float g = static_cast<float>(weights[i]);
-    float* dst = out.data_ptr<float>() + rows[i] * down.n;
-    const float* src = y.data() + i * down.n;
-    for (int64_t j = 0; j < down.n; ++j) dst[j] += g * round_bf16(src[j]);
-  }
+  Input in = rows_of(x, rows);
+  expert_into(gate, up, down, in, rows, weights, out.data_ptr<float>(), out.size(1));
 }
 
 // A decoder layer's attention half for one new token per row, as one call: pre-norm, q/k/v
@@ -683,9 +752,14 @@ std::vector<torch::Tensor> attention_block(torch::Tensor h, std::vector<torch::T
                                            torch::Tensor key_valid, int64_t span, double multiplier, double cap) {
   TORCH_CHECK(norms.size() == 3 && weights.size() == 8, "attention_block takes 3 norm scales and 4 weights with their scales");
   const auto x = rms_norm(h, norms[0], eps);
-  const auto q = linear(x, weights[0], weights[1], -1, false);
-  const auto k = linear(x, weights[2], weights[3], -1, false);
-  const auto v = linear(x, weights[4], weights[5], -1, false);
+  const std::vector<Matrix> qkv = {matrix_of(weights[0], weights[1], -1), matrix_of(weights[2], weights[3], -1),
+                                   matrix_of(weights[4], weights[5], -1)};
+  Input in = input_of(x);
+  std::vector<torch::Tensor> projected;
+  for (const auto& w : qkv) projected.push_back(torch::empty({in.m, w.n}, torch::kFloat32));
+  linears_into(qkv, in, {projected[0].data_ptr<float>(), projected[1].data_ptr<float>(), projected[2].data_ptr<float>()});
+  // Each projection's output is bfloat16, as from the separate calls.
+  const auto q = projected[0].to(torch::kBFloat16), k = projected[1].to(torch::kBFloat16), v = projected[2].to(torch::kBFloat16);
   const auto attended = attention_decode(q, k, v, cos, sin, k_cache, v_cache, positions, key_valid, span, multiplier, cap);
   const auto out = linear(attended, weights[6], weights[7], -1, false);
   return add_rms_norm(h, out, norms[1], norms[2], eps);
@@ -717,9 +791,21 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor h, torch::Tensor router, 
       weights[index].push_back(gates[r * k + slot]);
     }
   }
+  check_rows(x, "x");
   auto out = torch::zeros({x.size(0), x.size(1)}, torch::kFloat32);
-  for (size_t i = 0; i < order.size(); ++i)
-    expert_add(x, rows[i], weights[i], stacks[0], stacks[1], stacks[2], stacks[3], stacks[4], stacks[5], order[i], out);
+  std::vector<int64_t> all_rows(x.size(0));
+  for (int64_t r = 0; r < x.size(0); ++r) all_rows[r] = r;
+  Input shared = rows_of(x, all_rows);  // quantised once for every expert that takes all rows
+  for (size_t i = 0; i < order.size(); ++i) {
+    const Matrix gate = matrix_of(stacks[0], stacks[1], order[i]), up = matrix_of(stacks[2], stacks[3], order[i]);
+    const Matrix down = matrix_of(stacks[4], stacks[5], order[i]);
+    if (rows[i] == all_rows) {
+      expert_into(gate, up, down, shared, rows[i], weights[i], out.data_ptr<float>(), out.size(1));
+    } else {
+      Input in = rows_of(x, rows[i]);
+      expert_into(gate, up, down, in, rows[i], weights[i], out.data_ptr<float>(), out.size(1));
+    }
+  }
   return add_rms_norm(h, out, post_scale, c10::nullopt, eps)[0];
 }
 
