@@ -102,6 +102,19 @@ inline float dot_f32_bf16(const float* __restrict x, const at::BFloat16* __restr
   return total;
 }
 
+// out[k] = float(v[k]) for bfloat16 v (exact: a bfloat16 is the top half of a float32).
+inline void bf16_to_float_row(const at::BFloat16* __restrict v, float* __restrict out, int64_t n) {
+  int64_t k = 0;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(v);
+#if defined(GROK1_AVX512)
+  for (; k + 16 <= n; k += 16) {
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), 16);
+    _mm512_storeu_ps(out + k, _mm512_castsi512_ps(w));
+  }
+#endif
+  for (; k < n; ++k) out[k] = static_cast<float>(v[k]);
+}
+
 // acc[k] += a * v[k] for bfloat16 v.
 inline void axpy_bf16(float* __restrict acc, float a, const at::BFloat16* __restrict v, int64_t n) {
   int64_t k = 0;
@@ -590,8 +603,7 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
         visible[s] = s <= p && kv_ok[s];
         if (!visible[s]) continue;
         ++count;
-        const at::BFloat16* kr = kc + s * dk;
-        for (int64_t i = 0; i < dk; ++i) key[i] = static_cast<float>(kr[i]);
+        bf16_to_float_row(kc + s * dk, key.data(), dk);
         for (int64_t h = 0; h < group; ++h) {
           float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -611,8 +623,7 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t s = 0; s < span; ++s) {
         if (count != 0 && !visible[s]) continue;
-        const at::BFloat16* vr = vc + s * dv;
-        for (int64_t i = 0; i < dv; ++i) value[i] = static_cast<float>(vr[i]);
+        bf16_to_float_row(vc + s * dv, value.data(), dv);
         for (int64_t h = 0; h < group; ++h) {
           const float prob = scores[h * span + s];
           float* a = acc.data() + h * dv;
@@ -664,45 +675,68 @@ std::vector<torch::Tensor> route(torch::Tensor x, torch::Tensor router, int64_t 
 
 namespace {
 
-// One GeGLU expert on prepared inputs (rows[i] of out receives row i of `in`): hidden =
-// bf16(gelu(x Wg) * (x Wu)), y = bf16(hidden Wd), out[rows[i]] += weights[i] * y[i]. Two parallel
-// passes, each thread on its own columns: gate/up (and, for an int4 down projection, quantising its
-// share of the hidden activations), then down with the gated accumulation.
-void expert_into(const Matrix& gate, const Matrix& up, const Matrix& down, Input& in, const std::vector<int64_t>& rows,
-                 const std::vector<double>& weights, float* out, int64_t out_cols) {
-  TORCH_CHECK(gate.n == up.n && down.in_features() == gate.n && down.n == out_cols, "expert projections do not match");
-  check_input(gate, in);
-  check_input(up, in);
-  const int64_t m = in.m, f = gate.n;
-  Input hidden;
-  hidden.m = m;
-  hidden.k = f;
-  hidden.xf.resize(m * f);
-  if (down.int4) hidden.allocate_quantised();
-  std::vector<float> up_out(m * f);
+// One GeGLU expert of a MoE layer: its matrices, and the rows of out its input rows go to.
+struct ExpertJob {
+  Matrix gate, up, down;
+  std::vector<int64_t> rows;
+  std::vector<double> weights;
+};
+
+// GeGLU experts on the same prepared input (rows[i] of out receives row i of `in`, for each expert):
+// hidden = bf16(gelu(x Wg) * (x Wu)), y = bf16(hidden Wd), out[rows[i]] += weights[i] * y[i], the
+// experts added in the order given. Two parallel passes over all of them, each thread on its own
+// columns: gate/up (and, for an int4 down projection, quantising its share of the hidden
+// activations), then down with the gated accumulation. No serial step between the passes.
+void experts_into(const std::vector<ExpertJob>& jobs, Input& in, float* out, int64_t out_cols) {
+  const int64_t m = in.m, count = static_cast<int64_t>(jobs.size());
+  if (count == 0) return;
+  const int64_t f = jobs[0].gate.n;
+  for (const auto& job : jobs) {
+    TORCH_CHECK(job.gate.n == f && job.up.n == f && job.down.in_features() == f && job.down.n == out_cols,
+                "expert projections do not match");
+    TORCH_CHECK(static_cast<int64_t>(job.rows.size()) == m && job.weights.size() == job.rows.size(), "one weight per row");
+    check_input(job.gate, in);
+    check_input(job.up, in);
+  }
+  std::vector<Input> hidden(count);
+  for (int64_t e = 0; e < count; ++e) {
+    hidden[e].m = m;
+    hidden[e].k = f;
+    hidden[e].xf.resize(m * f);
+    if (jobs[e].down.int4) hidden[e].allocate_quantised();
+  }
+  std::vector<std::vector<float>> up_outs(count, std::vector<float>(m * f));
   const float sqrt_2_over_pi = 0.7978845608028654f;
   // Column chunks of 64 (whole int4 groups), so each thread quantises exactly the groups it wrote.
   const int64_t chunk = 2 * kGroup, chunks = (f + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, std::max<int64_t>(1, grain_for(f) / chunk), [&](int64_t c0, int64_t c1) {
-    const int64_t begin = c0 * chunk, end = std::min(f, c1 * chunk);
-    matrix_rows(gate, in, begin, end, hidden.xf.data());
-    matrix_rows(up, in, begin, end, up_out.data());
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t n = begin; n < end; ++n) {
-        const float g = hidden.xf[r * f + n], u = up_out[r * f + n];
-        const float inner = sqrt_2_over_pi * (g + 0.044715f * g * g * g);
-        hidden.xf[r * f + n] = round_bf16(0.5f * g * (1.0f + std::tanh(inner)) * u);  // bfloat16 input to down
+  at::parallel_for(0, count * chunks, std::max<int64_t>(1, grain_for(count * f) / chunk), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t e = c / chunks, begin = (c % chunks) * chunk, end = std::min(f, begin + chunk);
+      const ExpertJob& job = jobs[e];
+      float* h = hidden[e].xf.data();
+      float* u = up_outs[e].data();
+      matrix_rows(job.gate, in, begin, end, h);
+      matrix_rows(job.up, in, begin, end, u);
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t n = begin; n < end; ++n) {
+          const float g = h[r * f + n];
+          const float inner = sqrt_2_over_pi * (g + 0.044715f * g * g * g);
+          h[r * f + n] = round_bf16(0.5f * g * (1.0f + std::tanh(inner)) * u[r * f + n]);  // bfloat16 input to down
+        }
       }
+      if (job.down.int4) hidden[e].quantise_groups(begin / kGroup, (end + kGroup - 1) / kGroup);
     }
-    if (down.int4) hidden.quantise_groups(begin / kGroup, (end + kGroup - 1) / kGroup);
   });
-  std::vector<float> y(m * down.n);
-  at::parallel_for(0, down.n, grain_for(down.n), [&](int64_t begin, int64_t end) {
-    matrix_rows(down, hidden, begin, end, y.data());
-    for (int64_t i = 0; i < m; ++i) {
-      const float g = static_cast<float>(weights[i]);
-      float* dst = out + rows[i] * out_cols;
-      for (int64_t n = begin; n < end; ++n) dst[n] += g * round_bf16(y[i * down.n + n]);
+  std::vector<float> y(m * out_cols);
+  at::parallel_for(0, out_cols, grain_for(out_cols), [&](int64_t begin, int64_t end) {
+    for (int64_t e = 0; e < count; ++e) {
+      const ExpertJob& job = jobs[e];
+      matrix_rows(job.down, hidden[e], begin, end, y.data());
+      for (int64_t i = 0; i < m; ++i) {
+        const float g = static_cast<float>(job.weights[i]);
+        float* dst = out + job.rows[i] * out_cols;
+        for (int64_t n = begin; n < end; ++n) dst[n] += g * round_bf16(y[i * out_cols + n]);
+      }
     }
   });
 }
@@ -738,7 +772,7 @@ void expert_add(torch::Tensor x, std::vector<int64_t> rows, std::vector<double> 
   const Matrix gate = matrix_of(w_gate, s_gate, expert), up = matrix_of(w_up, s_up, expert);
   const Matrix down = matrix_of(w_down, s_down, expert);
   Input in = rows_of(x, rows);
-  expert_into(gate, up, down, in, rows, weights, out.data_ptr<float>(), out.size(1));
+  experts_into({ExpertJob{gate, up, down, rows, weights}}, in, out.data_ptr<float>(), out.size(1));
 }
 
 // A decoder layer's attention half for one new token per row, as one call: pre-norm, q/k/v
@@ -795,15 +829,23 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor h, torch::Tensor router, 
   auto out = torch::zeros({x.size(0), x.size(1)}, torch::kFloat32);
   std::vector<int64_t> all_rows(x.size(0));
   for (int64_t r = 0; r < x.size(0); ++r) all_rows[r] = r;
-  Input shared = rows_of(x, all_rows);  // quantised once for every expert that takes all rows
+  // When every selected expert takes every row (always, decoding one sequence), they run together on
+  // one input; otherwise one after another on their own rows. Either way each adds into out in order of
+  // first selection, as the step-by-step path does.
+  std::vector<ExpertJob> jobs;
+  bool together = true;
   for (size_t i = 0; i < order.size(); ++i) {
-    const Matrix gate = matrix_of(stacks[0], stacks[1], order[i]), up = matrix_of(stacks[2], stacks[3], order[i]);
-    const Matrix down = matrix_of(stacks[4], stacks[5], order[i]);
-    if (rows[i] == all_rows) {
-      expert_into(gate, up, down, shared, rows[i], weights[i], out.data_ptr<float>(), out.size(1));
-    } else {
-      Input in = rows_of(x, rows[i]);
-      expert_into(gate, up, down, in, rows[i], weights[i], out.data_ptr<float>(), out.size(1));
+    jobs.push_back(ExpertJob{matrix_of(stacks[0], stacks[1], order[i]), matrix_of(stacks[2], stacks[3], order[i]),
+                             matrix_of(stacks[4], stacks[5], order[i]), rows[i], weights[i]});
+    together = together && rows[i] == all_rows;
+  }
+  if (together) {
+    Input shared = rows_of(x, all_rows);
+    experts_into(jobs, shared, out.data_ptr<float>(), out.size(1));
+  } else {
+    for (const auto& job : jobs) {
+      Input in = rows_of(x, job.rows);
+      experts_into({job}, in, out.data_ptr<float>(), out.size(1));
     }
   }
   return add_rms_norm(h, out, post_scale, c10::nullopt, eps)[0];
