@@ -123,13 +123,16 @@ class MemoryCgroup:
 
 
 def generate(native: str, prompt: list[int], new_tokens: int, max_memory: int | None,
-             cgroup: MemoryCgroup | None) -> dict:
+             cgroup: MemoryCgroup | None, reader_threads: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "grok1", "generate", "--model", native, "--token-ids", ",".join(map(str, prompt)),
            "--max-new-tokens", str(new_tokens), "--temperature", "0", "--ignore-eos", "--json", "--device", "cpu"]
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env = dict(os.environ)
+    if reader_threads is not None:
+        env["GROK1_READER_THREADS"] = str(reader_threads)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=cgroup.enter if cgroup else None)
     sampler = PeakSampler(proc.pid)
     out, err = proc.communicate()
@@ -157,6 +160,8 @@ def main() -> None:
     parser.add_argument("--keep-release", action="store_true")
     parser.add_argument("--also-max-memory", action="append", metavar="SIZE",
                         help="another capped run in the same cgroup with this --max-memory (repeatable)")
+    parser.add_argument("--also-reader-threads", type=int, action="append", metavar="N",
+                        help="another capped run with N expert-reader threads (GROK1_READER_THREADS; repeatable)")
     parser.add_argument("--mapped-too", action="store_true",
                         help="also run the memory-mapped model (no --max-memory) inside the cgroup")
     args = parser.parse_args()
@@ -186,11 +191,11 @@ def main() -> None:
     free = generate(native, prompt, args.new_tokens, None, None)
     runs = {"unconstrained": free}
 
-    def in_cgroup(label: str, cap: int | None) -> None:
+    def in_cgroup(label: str, cap: int | None, reader_threads: int | None = None) -> None:
         group = MemoryCgroup(limit)
         try:
             drop_page_cache()
-            runs[label] = generate(native, prompt, args.new_tokens, cap, group)
+            runs[label] = generate(native, prompt, args.new_tokens, cap, group, reader_threads)
         finally:
             group.remove()
 
@@ -204,6 +209,8 @@ def main() -> None:
     disk_median = (measured[len(measured) // 2 - 1] + measured[len(measured) // 2]) / 2
     for extra in args.also_max_memory or []:
         in_cgroup(f"capped at {extra}", parse_size(extra))
+    for threads in args.also_reader_threads or []:
+        in_cgroup(f"capped, {threads} reader threads", max_memory, threads)
     if args.mapped_too:
         in_cgroup("mapped_in_cgroup", None)
 

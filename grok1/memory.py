@@ -648,13 +648,18 @@ def native_needs(path: str, act: torch.dtype) -> tuple[Grok1Config, MemoryNeeds]
     return config, memory_needs(ckpt, config, act)
 
 
+# Expert reads in flight at once: two keep a virtual or NVMe disk busier than one (measured with
+# bench/bigger_than_ram.py), and each decode step selects at least two experts per layer.
+READER_THREADS = max(1, int(os.environ.get("GROK1_READER_THREADS", "2")))
+
+
 def load_streamed(
     ckpt: native.NativeCheckpoint,
     config: Grok1Config,
     act: torch.dtype,
     max_memory: int | str,
     device: torch.device,
-    threads: int = 1,
+    threads: int = READER_THREADS,
     direct: bool = True,
 ) -> Grok1:
     """A `Grok1` whose resident part is read into memory and whose experts stream from the files
