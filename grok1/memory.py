@@ -648,9 +648,10 @@ def native_needs(path: str, act: torch.dtype) -> tuple[Grok1Config, MemoryNeeds]
     return config, memory_needs(ckpt, config, act)
 
 
-# Expert reads in flight at once: two keep a virtual or NVMe disk busier than one (measured with
-# bench/bigger_than_ram.py), and each decode step selects at least two experts per layer.
-READER_THREADS = max(1, int(os.environ.get("GROK1_READER_THREADS", "2")))
+# Expert-reader threads. One already reads faster than the disk's own sequential-read figure here
+# (whole expert ranges per request); a second did not help on this machine's virtual disk
+# (bench/bigger_than_ram.py --also-reader-threads 2 compares), but may on disks that want deeper queues.
+READER_THREADS = max(1, int(os.environ.get("GROK1_READER_THREADS", "1")))
 
 
 def load_streamed(
