@@ -710,8 +710,10 @@ void experts_into(const std::vector<ExpertJob>& jobs, Input& in, float* out, int
   // Column chunks of 64 (whole int4 groups), so each thread quantises exactly the groups it wrote.
   const int64_t chunk = 2 * kGroup, chunks = (f + chunk - 1) / chunk;
   at::parallel_for(0, count * chunks, std::max<int64_t>(1, grain_for(count * f) / chunk), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t e = c / chunks, begin = (c % chunks) * chunk, end = std::min(f, begin + chunk);
+    // Each expert's share of [c0, c1) in one go: long runs of rows keep the weight streams prefetched.
+    for (int64_t e = c0 / chunks; e < count && e * chunks < c1; ++e) {
+      const int64_t begin = (std::max(c0, e * chunks) - e * chunks) * chunk;
+      const int64_t end = std::min(f, (std::min(c1, (e + 1) * chunks) - e * chunks) * chunk);
       const ExpertJob& job = jobs[e];
       float* h = hidden[e].xf.data();
       float* u = up_outs[e].data();
