@@ -29,6 +29,10 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GROK1_AVX512 1
+// Weights are read once per token, so they are prefetched this many bytes ahead with the
+// non-temporal hint: into the core's cache without displacing what the step reuses (activations, the
+// KV cache) from the shared one. Both choices measured on the mid preset (bench/decode.py): about 6 %
+// faster decode than ordinary prefetches, and 2048 bytes ahead better than 1024 or 4096.
 #ifndef GROK1_PREFETCH
 #define GROK1_PREFETCH 2048
 #endif
@@ -47,7 +51,7 @@ inline float dot_f32_i8(const float* __restrict x, const int8_t* __restrict q, i
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
   for (; k + 64 <= n; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_NTA);
     __m512i bytes = _mm512_loadu_si512(reinterpret_cast<const void*>(q + k));
     __m128i b0 = _mm512_extracti32x4_epi32(bytes, 0), b1 = _mm512_extracti32x4_epi32(bytes, 1);
     __m128i b2 = _mm512_extracti32x4_epi32(bytes, 2), b3 = _mm512_extracti32x4_epi32(bytes, 3);
@@ -90,7 +94,7 @@ inline float dot_f32_bf16(const float* __restrict x, const at::BFloat16* __restr
 #if defined(GROK1_AVX512)
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (; k + 32 <= n; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(bits + k + GROK1_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(bits + k + GROK1_PREFETCH), _MM_HINT_NTA);
     __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), 16);
     __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k + 16))), 16);
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(lo), acc0);
@@ -296,7 +300,7 @@ inline float dot_q4(const Input& in, int64_t row, const uint8_t* __restrict p, c
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 acc = _mm512_setzero_ps();
   for (; g + 4 <= groups; g += 4) {
-    _mm_prefetch(reinterpret_cast<const char*>(p + g * 16 + 2 * GROK1_PREFETCH), _MM_HINT_T0);  // int4: the same number of values ahead as int8
+    _mm_prefetch(reinterpret_cast<const char*>(p + g * 16 + 2 * GROK1_PREFETCH), _MM_HINT_NTA);  // int4: as many values ahead as int8
     const __m512i bytes = _mm512_loadu_si512(p + g * 16);
     const __m512i low = _mm512_and_si512(bytes, nibble);
     const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
