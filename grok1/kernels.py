@@ -44,16 +44,21 @@ _tried = False
 _int4 = False  # whether the build has the int4 kernel (AVX-512 VNNI)
 
 
+def compile_flags() -> list[str]:
+    # No FMA contraction: the fused steps then round exactly as the separate tensor operations.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    return flags
+
+
 def _build() -> ModuleType | None:
     if os.environ.get("GROK1_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        # No FMA contraction: the fused steps then round exactly as the separate tensor operations.
-        cflags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-        if platform.machine() in ("x86_64", "AMD64"):
-            cflags.append("-march=native")
+        cflags = compile_flags()
         # ninja, which PyTorch builds extensions with, is installed next to this interpreter.
         bindir = os.path.dirname(sys.executable)
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
