@@ -52,6 +52,23 @@ def main() -> None:
     yardstick = compare_logits(logits["int8"], bf16)
     figures["weight_relative_error_mean"] = sum(weight_errors) / len(weight_errors)
     figures["int8_f32_vs_bf16_activations"] = yardstick
+    # The fast path (bfloat16 activations, weight-only kernels) against the fidelity path (float32):
+    # whole prompts (prefill kernels), and token by token through the decode kernels (first prompt).
+    fast_rows = []
+    for quant, path in paths.items():
+        fast = grok1.load(path)
+        with torch.no_grad():
+            whole = torch.cat([fast(tokens[i : i + 1]) for i in range(args.prompts)])
+            cache = fast.new_cache(1, args.tokens)
+            steps = torch.cat([fast(tokens[:1, i : i + 1], cache, torch.tensor([i])) for i in range(args.tokens)], dim=1)
+        figures[f"fast_{quant}_vs_fidelity_int8"] = compare_logits(logits["int8"], whole)
+        figures[f"fast_{quant}_decode_vs_fidelity_int8"] = compare_logits(logits["int8"][0], steps[0])
+        for label, key in (("whole prompts", f"fast_{quant}_vs_fidelity_int8"),
+                           ("decoded token by token", f"fast_{quant}_decode_vs_fidelity_int8")):
+            f = figures[key]
+            fast_rows.append((f"fast {quant} (bf16) vs fidelity int8 (f32), {label}",
+                              f"rel {f['relative_error']:.4f}, top-1 {100 * f['top1_agreement']:.1f} %, KL {f['mean_kl']:.4f}"))
+        del fast
     rows = [
         ("model", f"mid preset (emb {config.emb_size}, {config.num_layers} layers, 8 experts of {config.ffn_size}), random weights"),
         ("positions compared", f"{figures['positions']} ({args.prompts} x {args.tokens} random tokens), float32 path"),
@@ -62,6 +79,7 @@ def main() -> None:
         ("yardstick: int8 float32 vs bfloat16 activations",
          f"rel {yardstick['relative_error']:.4f}, top-1 {100 * yardstick['top1_agreement']:.1f} %, "
          f"KL {yardstick['mean_kl']:.4f} (random weights are far more sensitive than trained ones)"),
+        *fast_rows,
     ]
     print(table(rows, "int4 (groups of 32, bf16 scales) against the release's int8"))
     print(f"wrote {save('quant_error', {'config': 'mid', **figures})}")
