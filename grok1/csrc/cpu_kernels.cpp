@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -53,9 +54,11 @@ inline float dot_f32_i8(const float* __restrict x, const int8_t* __restrict q, i
   __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
   for (; k + 64 <= n; k += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_NTA);
-    __m512i bytes = _mm512_loadu_si512(reinterpret_cast<const void*>(q + k));
-    __m128i b0 = _mm512_extracti32x4_epi32(bytes, 0), b1 = _mm512_extracti32x4_epi32(bytes, 1);
-    __m128i b2 = _mm512_extracti32x4_epi32(bytes, 2), b3 = _mm512_extracti32x4_epi32(bytes, 3);
+    // Four 16-byte loads that the sign extension reads directly (no shuffles out of a 64-byte load).
+    const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+    const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16));
+    const __m128i b2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 32));
+    const __m128i b3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 48));
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)), acc0);
     acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)), acc1);
     acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b2)), acc2);
@@ -134,20 +137,194 @@ inline void axpy_bf16(float* __restrict acc, float a, const at::BFloat16* __rest
   for (; k < n; ++k) acc[k] += a * static_cast<float>(v[k]);
 }
 
+// out[r] = sum_k x[r * ldx + k] * w[k] for R input rows against one bfloat16 weight row (each weight
+// converted once for all of them).
+template <int R>
+inline void dot_rows_f32_bf16(const float* __restrict x, int64_t ldx, const at::BFloat16* __restrict w, int64_t n,
+                              float* out) {
+  int64_t k = 0;
+  float total[R] = {};
+#if defined(GROK1_AVX512)
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(w);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (; k + 16 <= n; k += 16) {
+    if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(bits + k + GROK1_PREFETCH), _MM_HINT_NTA);
+    const __m512 wv = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), 16));
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), wv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) total[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+  for (; k < n; ++k)
+    for (int r = 0; r < R; ++r) total[r] += x[r * ldx + k] * static_cast<float>(w[k]);
+  for (int r = 0; r < R; ++r) out[r] = total[r];
+}
+
 inline float bf16_to_float(const at::BFloat16 value) { return static_cast<float>(value); }
 
+// out[r] = sum_k x[r * ldx + k] * q[k] for R input rows against one int8 weight row: each group of
+// weights is converted once and used by every input row (several tokens decoded together).
+template <int R>
+inline void dot_rows_f32_i8(const float* __restrict x, int64_t ldx, const int8_t* __restrict q, int64_t n,
+                            float* out) {
+  int64_t k = 0;
+  float total[R] = {};
+#if defined(GROK1_AVX512)
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (; k + 16 <= n; k += 16) {
+    if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_NTA);
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), w, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) total[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+  for (; k < n; ++k)
+    for (int r = 0; r < R; ++r) total[r] += x[r * ldx + k] * static_cast<float>(q[k]);
+  for (int r = 0; r < R; ++r) out[r] = total[r];
+}
+
+#if defined(GROK1_AVX512) && defined(__AVX512BF16__)
+#define GROK1_BF16_DOT 1
+// dot_rows_f32_i8 for activations that are bfloat16 values (xb: their bits): each group of 32 int8
+// weights becomes 32 bfloat16 (exactly), and one vdpbf16ps per input row multiplies and adds them in
+// pairs, half the instructions of float32 FMAs. Products are exact; only the order of the float32
+// additions differs.
+template <int R>
+inline void dot_rows_bf16_i8(const uint16_t* __restrict xb, int64_t ldx, const int8_t* __restrict q, int64_t n,
+                             float* out) {
+  int64_t k = 0;
+  // Two accumulators per row, so that consecutive vdpbf16ps do not wait on each other's result.
+  __m512 acc[R], acc2[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+  auto convert = [&](int64_t at) {  // 32 int8 values as bfloat16 (exact), in order
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at))));
+    const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at + 16))));
+    return _mm512_cvtne2ps_pbh(high, low);
+  };
+  for (; k + 64 <= n; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_NTA);
+    const __m512bh w0 = convert(k), w1 = convert(k + 32);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_dpbf16_ps(acc[r], w0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k)));
+      acc2[r] = _mm512_dpbf16_ps(acc2[r], w1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k + 32)));
+    }
+  }
+  for (; k + 32 <= n; k += 32) {
+    const __m512bh w = convert(k);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], w, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k)));
+  }
+  for (int r = 0; r < R; ++r) {
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+    for (int64_t j = k; j < n; ++j) {
+      uint32_t bits = static_cast<uint32_t>(xb[r * ldx + j]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      total += v * static_cast<float>(q[j]);
+    }
+    out[r] = total;
+  }
+}
+#endif
+
+#if defined(GROK1_BF16_DOT)
+// out[r] = sum_k x[r, k] * w[k] for bfloat16 activations (bits xb) and a bfloat16 weight row: vdpbf16ps
+// straight from memory, no conversion (the output head).
+template <int R>
+inline void dot_rows_bf16_bf16(const uint16_t* __restrict xb, int64_t ldx, const at::BFloat16* __restrict w, int64_t n,
+                               float* out) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(w);
+  int64_t k = 0;
+  __m512 acc[R], acc2[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+  for (; k + 64 <= n; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(bits + k + GROK1_PREFETCH), _MM_HINT_NTA);
+    _mm_prefetch(reinterpret_cast<const char*>(bits + k + 32 + GROK1_PREFETCH), _MM_HINT_NTA);
+    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bits + k));
+    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bits + k + 32));
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_dpbf16_ps(acc[r], w0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k)));
+      acc2[r] = _mm512_dpbf16_ps(acc2[r], w1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k + 32)));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+    for (int64_t j = k; j < n; ++j) {
+      uint32_t xbits = static_cast<uint32_t>(xb[r * ldx + j]) << 16;
+      float v;
+      std::memcpy(&v, &xbits, sizeof v);
+      total += v * static_cast<float>(w[j]);
+    }
+    out[r] = total;
+  }
+}
+#endif
+
 // y[m, n] = sum_b s[b, n] * sum_k x[m, b*Kb + k] * q[b, n, k] for n in [begin, end). Block-outer
-// order: each block's rows [begin, end) are one contiguous range, read front to back.
-inline void blocked_rows(const float* x, int64_t M, int64_t K, const int8_t* q, const at::BFloat16* s,
-                         int64_t blocks, int64_t N, int64_t begin, int64_t end, float* y) {
+// order: each block's rows [begin, end) are one contiguous range, read front to back. Several input
+// rows share each weight row, up to 8 at a time.
+inline void blocked_rows(const float* x, const uint16_t* xb, int64_t M, int64_t K, const int8_t* q,
+                         const at::BFloat16* s, int64_t blocks, int64_t N, int64_t begin, int64_t end, float* y) {
   const int64_t kb = K / blocks;
+#if defined(GROK1_BF16_DOT)
+  if (xb != nullptr && M >= 2) {  // several bfloat16 rows: the cheaper vdpbf16ps products
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = 0.0f;
+    float dots[8];
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int8_t* row = q + (b * N + n) * kb;
+        const float scale = bf16_to_float(s[b * N + n]);
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) {
+          dot_rows_bf16_i8<8>(xb + m * K + b * kb, K, row, kb, dots);
+          for (int r = 0; r < 8; ++r) y[(m + r) * N + n] += scale * dots[r];
+        }
+        for (; m + 4 <= M; m += 4) {
+          dot_rows_bf16_i8<4>(xb + m * K + b * kb, K, row, kb, dots);
+          for (int r = 0; r < 4; ++r) y[(m + r) * N + n] += scale * dots[r];
+        }
+        for (; m + 2 <= M; m += 2) {
+          dot_rows_bf16_i8<2>(xb + m * K + b * kb, K, row, kb, dots);
+          for (int r = 0; r < 2; ++r) y[(m + r) * N + n] += scale * dots[r];
+        }
+        for (; m < M; ++m) {
+          dot_rows_bf16_i8<1>(xb + m * K + b * kb, K, row, kb, dots);
+          y[m * N + n] += scale * dots[0];
+        }
+      }
+    }
+    return;
+  }
+#endif
+  (void)xb;
   for (int64_t n = begin; n < end; ++n)
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = 0.0f;
+  float dots[8];
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = q + (b * N + n) * kb;
       const float scale = bf16_to_float(s[b * N + n]);
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] += scale * dot_f32_i8(x + m * K + b * kb, row, kb);
+      int64_t m = 0;
+      if (M == 1) {
+        y[n] += scale * dot_f32_i8(x + b * kb, row, kb);
+        continue;
+      }
+      for (; m + 8 <= M; m += 8) {
+        dot_rows_f32_i8<8>(x + m * K + b * kb, K, row, kb, dots);
+        for (int r = 0; r < 8; ++r) y[(m + r) * N + n] += scale * dots[r];
+      }
+      for (; m + 4 <= M; m += 4) {
+        dot_rows_f32_i8<4>(x + m * K + b * kb, K, row, kb, dots);
+        for (int r = 0; r < 4; ++r) y[(m + r) * N + n] += scale * dots[r];
+      }
+      for (; m + 2 <= M; m += 2) {
+        dot_rows_f32_i8<2>(x + m * K + b * kb, K, row, kb, dots);
+        for (int r = 0; r < 2; ++r) y[(m + r) * N + n] += scale * dots[r];
+      }
+      for (; m < M; ++m) y[m * N + n] += scale * dot_f32_i8(x + m * K + b * kb, row, kb);
     }
   }
 }
@@ -229,7 +406,20 @@ Matrix matrix_of(const torch::Tensor& w, const torch::Tensor& s, int64_t expert)
 struct Input {
   int64_t m = 0, k = 0;
   std::vector<float> xf;
+  bool bf16_values = false;  // every value of xf is a bfloat16 (the usual case: bf16 activations)
+  std::vector<uint16_t> xb;  // their bits, made on demand for the bfloat16 dot products
   bool quantised = false;
+
+  void make_bf16() {
+    if (!bf16_values || static_cast<int64_t>(xb.size()) == m * k) return;
+    xb.resize(m * k);
+    for (int64_t i = 0; i < m * k; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &xf[i], sizeof bits);
+      xb[i] = static_cast<uint16_t>(bits >> 16);  // exact: the low half is zero
+    }
+  }
+
   std::vector<int8_t> lo, hi;
   std::vector<float> dx;
   std::vector<int32_t> corr;  // per 4-byte lane of a group: -8 * (sum of the 4 lo + 4 hi values it meets)
@@ -284,6 +474,7 @@ Input input_of(const torch::Tensor& x) {
   in.m = x.size(0);
   in.k = x.size(1);
   in.xf = as_float(x);
+  in.bf16_values = x.scalar_type() == torch::kBFloat16;
   return in;
 }
 
@@ -330,13 +521,16 @@ void matrix_rows(const Matrix& w, Input& in, int64_t begin, int64_t end, float* 
       for (int64_t r = 0; r < in.m; ++r)
         y[r * w.n + n] = dot_q4(in, r, w.p + n * w.groups * 16, w.s + n * w.groups, w.groups);
   } else {
-    blocked_rows(in.xf.data(), in.m, in.k, w.q, w.s, w.blocks, w.n, begin, end, y);
+    blocked_rows(in.xf.data(), in.xb.empty() ? nullptr : in.xb.data(), in.m, in.k, w.q, w.s, w.blocks, w.n, begin, end, y);
   }
 }
 
 void check_input(const Matrix& w, Input& in) {
   TORCH_CHECK(in.k == w.in_features(), "input size ", in.k, " does not match the weights' ", w.in_features());
   if (w.int4) in.quantise();
+#if defined(GROK1_BF16_DOT)
+  if (!w.int4 && in.m >= 2) in.make_bf16();
+#endif
 }
 
 // Several matrices on the same input in one parallel pass: their output columns laid end to end and
@@ -400,14 +594,50 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kBFloat16 && w.size(1) == x.size(1),
               "w must be a contiguous bfloat16 [N, K] matching x");
-  const auto xf = as_float(x);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto y = torch::empty({m, n}, torch::kBFloat16);
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+#if defined(GROK1_BF16_DOT)
+  if (x.scalar_type() == torch::kBFloat16) {
+    const auto xc = x.contiguous();
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    at::parallel_for(0, n, grain_for(n), [&](int64_t begin, int64_t end) {
+      float dots[8];
+      for (int64_t r = begin; r < end; ++r) {
+        int64_t i = 0;
+        for (; i + 8 <= m; i += 8) {
+          dot_rows_bf16_bf16<8>(xb + i * k, k, wp + r * k, k, dots);
+          for (int j = 0; j < 8; ++j) yp[(i + j) * n + r] = at::BFloat16(dots[j]);
+        }
+        for (; i + 4 <= m; i += 4) {
+          dot_rows_bf16_bf16<4>(xb + i * k, k, wp + r * k, k, dots);
+          for (int j = 0; j < 4; ++j) yp[(i + j) * n + r] = at::BFloat16(dots[j]);
+        }
+        for (; i < m; ++i) {
+          dot_rows_bf16_bf16<1>(xb + i * k, k, wp + r * k, k, dots);
+          yp[i * n + r] = at::BFloat16(dots[0]);
+        }
+      }
+    });
+    return y;
+  }
+#endif
+  const auto xf = as_float(x);
   at::parallel_for(0, n, grain_for(n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t i = 0; i < m; ++i) yp[i * n + r] = at::BFloat16(dot_f32_bf16(xf.data() + i * k, wp + r * k, k));
+    float dots[8];
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t i = 0;
+      for (; i + 8 <= m; i += 8) {
+        dot_rows_f32_bf16<8>(xf.data() + i * k, k, wp + r * k, k, dots);
+        for (int j = 0; j < 8; ++j) yp[(i + j) * n + r] = at::BFloat16(dots[j]);
+      }
+      for (; i + 4 <= m; i += 4) {
+        dot_rows_f32_bf16<4>(xf.data() + i * k, k, wp + r * k, k, dots);
+        for (int j = 0; j < 4; ++j) yp[(i + j) * n + r] = at::BFloat16(dots[j]);
+      }
+      for (; i < m; ++i) yp[i * n + r] = at::BFloat16(dot_f32_bf16(xf.data() + i * k, wp + r * k, k));
+    }
   });
   return y;
 }
@@ -708,6 +938,7 @@ void experts_into(const std::vector<ExpertJob>& jobs, Input& in, float* out, int
     hidden[e].m = m;
     hidden[e].k = f;
     hidden[e].xf.resize(m * f);
+    hidden[e].bf16_values = true;  // rounded to bfloat16 below
     if (jobs[e].down.int4) hidden[e].allocate_quantised();
   }
   std::vector<std::vector<float>> up_outs(count, std::vector<float>(m * f));
@@ -734,6 +965,7 @@ void experts_into(const std::vector<ExpertJob>& jobs, Input& in, float* out, int
       if (job.down.int4) hidden[e].quantise_groups(begin / kGroup, (end + kGroup - 1) / kGroup);
     }
   });
+  for (int64_t e = 0; e < count; ++e) check_input(jobs[e].down, hidden[e]);  // (int4: quantised above)
   std::vector<float> y(m * out_cols);
   at::parallel_for(0, out_cols, grain_for(out_cols), [&](int64_t begin, int64_t end) {
     for (int64_t e = 0; e < count; ++e) {
@@ -755,6 +987,7 @@ Input rows_of(const torch::Tensor& x, const std::vector<int64_t>& rows) {
   in.m = static_cast<int64_t>(rows.size());
   in.k = d;
   in.xf.resize(in.m * d);
+  in.bf16_values = true;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   for (int64_t i = 0; i < in.m; ++i) {
     TORCH_CHECK(rows[i] >= 0 && rows[i] < x.size(0), "row index out of range");
@@ -868,15 +1101,18 @@ bool has_int4() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ W for an int8 (blocked scales) or int4 (group scales) W");
-  m.def("geglu", &geglu, "gelu_tanh(x @ W_gate) * (x @ W_up) in one pass over both");
-  m.def("expert_add", &expert_add, "one GeGLU expert on its rows, gated and added into out");
-  m.def("bf16_linear", &bf16_linear, "x @ w.T for a bfloat16 w, bfloat16 result");
-  m.def("rms_norm", &rms_norm, "RMS norm of bfloat16 rows");
-  m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y), and the next pre-norm of the sum");
-  m.def("attention_decode", &attention_decode, "RoPE, KV-cache write and attention for one query per row");
-  m.def("route", &route, "router softmax and top-k");
-  m.def("attention_block", &attention_block, "a decoder layer's attention half for one token per row");
-  m.def("moe_block", &moe_block, "a decoder layer's MoE half for one token per row");
-  m.def("has_int4", &has_int4, "whether the int4 kernel was built");
+  // The kernels run without the GIL, as PyTorch's own operations do: a server's other threads (HTTP,
+  // streaming) go on while a decode step computes.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "x @ W for an int8 (blocked scales) or int4 (group scales) W", nogil);
+  m.def("geglu", &geglu, "gelu_tanh(x @ W_gate) * (x @ W_up) in one pass over both", nogil);
+  m.def("expert_add", &expert_add, "one GeGLU expert on its rows, gated and added into out", nogil);
+  m.def("bf16_linear", &bf16_linear, "x @ w.T for a bfloat16 w, bfloat16 result", nogil);
+  m.def("rms_norm", &rms_norm, "RMS norm of bfloat16 rows", nogil);
+  m.def("add_rms_norm", &add_rms_norm, "h + rms_norm(y), and the next pre-norm of the sum", nogil);
+  m.def("attention_decode", &attention_decode, "RoPE, KV-cache write and attention for one query per row", nogil);
+  m.def("route", &route, "router softmax and top-k", nogil);
+  m.def("attention_block", &attention_block, "a decoder layer's attention half for one token per row", nogil);
+  m.def("moe_block", &moe_block, "a decoder layer's MoE half for one token per row", nogil);
+  m.def("has_int4", &has_int4, "whether the int4 kernel was built", nogil);
 }
