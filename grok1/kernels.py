@@ -16,10 +16,11 @@ stand in the way with library kernels alone:
 
 They serve small row counts (decode); prefill goes through PyTorch's kernels, which are faster there.
 
-The extension is compiled with the machine's C++ compiler the first time it is needed (about 20 s,
-cached by PyTorch under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Where that is not
-possible (no compiler, not x86/ARM Linux or macOS), or with GROK1_NATIVE_KERNELS=0, everything runs on
-PyTorch's kernels instead, with the same results up to float rounding.
+The extension is compiled for this CPU with the machine's C++ compiler the first time it is needed
+(about 20 s, cached by PyTorch under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Its vector
+code is for x86-64 with AVX2 or AVX-512. Elsewhere (other CPUs, no compiler or OpenMP, a failed build),
+or with GROK1_NATIVE_KERNELS=0, everything runs on PyTorch's kernels instead, with the same results up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from types import ModuleType
 
 import torch
 
-# Up to this many rows the one-pass kernels beat PyTorch's (measured in bench/decode.py's setting).
+# Decode batches up to this many rows take these kernels; larger ones, and prefill, PyTorch's. At 8 rows
+# (a server's default batch) they still win: 8 streams served at 175-181 tok/s against 138-149 through
+# PyTorch's kernels (bench/serve_load.py, mid preset, one thread).
 MAX_ROWS = 8
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
@@ -53,7 +56,7 @@ def compile_flags() -> list[str]:
 
 
 def _build() -> ModuleType | None:
-    if os.environ.get("GROK1_NATIVE_KERNELS", "1") == "0":
+    if os.environ.get("GROK1_NATIVE_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -63,7 +66,9 @@ def _build() -> ModuleType | None:
         bindir = os.path.dirname(sys.executable)
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-        return load(name="grok1_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=cflags, verbose=False)
+        module = load(name="grok1_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=cflags, verbose=False)
+        # Without AVX2 the loops would be plain scalar code, slower than PyTorch's kernels.
+        return module if module.simd() != "none" else None
     except Exception as exc:  # any build or import failure leaves the library kernels in charge
         warnings.warn(f"grok1: native CPU kernels unavailable, using PyTorch's ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''})", stacklevel=3)

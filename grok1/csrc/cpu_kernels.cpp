@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -1091,6 +1092,17 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor h, torch::Tensor router, 
   return add_rms_norm(h, out, post_scale, c10::nullopt, eps)[0];
 }
 
+// The vector instructions this build uses: "avx512", "avx2" or "none".
+std::string simd() {
+#if defined(GROK1_AVX512)
+  return "avx512";
+#elif defined(GROK1_AVX2)
+  return "avx2";
+#else
+  return "none";
+#endif
+}
+
 // Whether this build has the int4 kernel (AVX-512 VNNI); elsewhere int4 goes through PyTorch's.
 bool has_int4() {
 #if defined(GROK1_AVX512) && defined(__AVX512VNNI__)
@@ -1115,4 +1127,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_block", &attention_block, "a decoder layer's attention half for one token per row", nogil);
   m.def("moe_block", &moe_block, "a decoder layer's MoE half for one token per row", nogil);
   m.def("has_int4", &has_int4, "whether the int4 kernel was built", nogil);
+  m.def("simd", &simd, "the vector instructions of this build");
 }
