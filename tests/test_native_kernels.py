@@ -19,9 +19,12 @@ from grok1.quant import Int8Weight, geglu, quantize_int4, quantize_int8
 
 
 def test_kernels_build_here():
-    # Where a compiler exists the fast decode path must not silently fall back to the slow one.
-    if platform.system() == "Linux" and shutil.which("c++"):
+    # Where they apply (x86-64 Linux with AVX2 and a compiler) the fast decode path must not silently
+    # fall back to the slower one.
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    if platform.machine() == "x86_64" and " avx2" in flags and shutil.which("c++"):
         assert kernels.native() is not None
+        assert kernels.native().simd() in ("avx2", "avx512")
 
 
 needs_native = pytest.mark.skipif(kernels.native() is None, reason="no C++ compiler for grok1's CPU kernels")
