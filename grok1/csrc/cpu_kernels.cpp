@@ -278,22 +278,20 @@ inline void blocked_rows(const float* x, const uint16_t* xb, int64_t M, int64_t 
       for (int64_t n = begin; n < end; ++n) {
         const int8_t* row = q + (b * N + n) * kb;
         const float scale = bf16_to_float(s[b * N + n]);
-        int64_t m = 0;
-        for (; m + 8 <= M; m += 8) {
-          dot_rows_bf16_i8<8>(xb + m * K + b * kb, K, row, kb, dots);
-          for (int r = 0; r < 8; ++r) y[(m + r) * N + n] += scale * dots[r];
-        }
-        for (; m + 4 <= M; m += 4) {
-          dot_rows_bf16_i8<4>(xb + m * K + b * kb, K, row, kb, dots);
-          for (int r = 0; r < 4; ++r) y[(m + r) * N + n] += scale * dots[r];
-        }
-        for (; m + 2 <= M; m += 2) {
-          dot_rows_bf16_i8<2>(xb + m * K + b * kb, K, row, kb, dots);
-          for (int r = 0; r < 2; ++r) y[(m + r) * N + n] += scale * dots[r];
-        }
-        for (; m < M; ++m) {
-          dot_rows_bf16_i8<1>(xb + m * K + b * kb, K, row, kb, dots);
-          y[m * N + n] += scale * dots[0];
+        for (int64_t m = 0; m < M; m += 8) {  // up to 8 rows per pass: each weight converted once per pass
+          const int rows = static_cast<int>(std::min<int64_t>(8, M - m));
+          const uint16_t* xr = xb + m * K + b * kb;
+          switch (rows) {
+            case 1: dot_rows_bf16_i8<1>(xr, K, row, kb, dots); break;
+            case 2: dot_rows_bf16_i8<2>(xr, K, row, kb, dots); break;
+            case 3: dot_rows_bf16_i8<3>(xr, K, row, kb, dots); break;
+            case 4: dot_rows_bf16_i8<4>(xr, K, row, kb, dots); break;
+            case 5: dot_rows_bf16_i8<5>(xr, K, row, kb, dots); break;
+            case 6: dot_rows_bf16_i8<6>(xr, K, row, kb, dots); break;
+            case 7: dot_rows_bf16_i8<7>(xr, K, row, kb, dots); break;
+            default: dot_rows_bf16_i8<8>(xr, K, row, kb, dots); break;
+          }
+          for (int r = 0; r < rows; ++r) y[(m + r) * N + n] += scale * dots[r];
         }
       }
     }
