@@ -2,9 +2,8 @@
 
 Sampling follows the official `sample_token` semantics: temperature, then the nucleus filter
 (keep every token whose logit is >= the logit at which the ascending cumulative probability
-first reaches 1 - top_p, ties included), then a draw from the resulting distribution (one uniform
-number per token, inverted through the cumulative probabilities). Each row draws from its own seeded
-generator, so a request gives the same tokens alone or in a batch. Temperature 0 is greedy.
+first reaches 1 - top_p, ties included), then a Gumbel-max draw. Each row draws from its own
+seeded generator, so a request gives the same tokens alone or in a batch. Temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -63,13 +62,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         if self.params.temperature == 0:
             return int(torch.argmax(logits))
-        filtered = filter_logits(logits.float().cpu(), self.params)
-        # Inverse CDF: one uniform draw instead of one per vocabulary entry as a Gumbel-max draw takes
-        # (49 us against 154 us for 32,768 logits on one core). The first index whose cumulative sum
-        # exceeds the draw always has a nonzero probability, so filtered-out tokens are never chosen.
-        cumulative = torch.cumsum(torch.softmax(filtered, dim=-1), dim=-1)
-        draw = torch.rand(1, generator=self.generator, dtype=torch.float32) * cumulative[-1]
-        return int(torch.searchsorted(cumulative, draw, right=True).clamp_(max=cumulative.shape[-1] - 1))
+        filtered = filter_logits(logits.float(), self.params)
+        uniform = torch.rand(filtered.shape, generator=self.generator, dtype=torch.float32)
+        uniform = uniform.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - 2**-24)
+        gumbel = -torch.log(-torch.log(uniform))
+        return int(torch.argmax(filtered.cpu() + gumbel))
 
 
 @dataclass
