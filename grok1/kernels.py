@@ -176,3 +176,12 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, router: torch.Tensor, k: int, st
               post_scale: torch.Tensor, eps: float) -> torch.Tensor:
     """The MoE half of a decoder layer in one call: h + post_norm(the gated expert sum)."""
     return _module.moe_block(x, h, router, k, stacks, post_scale, eps)
+
+
+def decode_layers(h: torch.Tensor, layers: list[list[torch.Tensor]], k_caches: list[torch.Tensor],
+                  v_caches: list[torch.Tensor], angles: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                  key_valid: torch.Tensor, span: int, eps: float, multiplier: float, cap: float,
+                  top_k: int) -> torch.Tensor:
+    """Every layer's `attention_block` and `moe_block` in one call (the same numbers)."""
+    return _module.decode_layers(h, layers, k_caches, v_caches, *angles, positions, key_valid, span, eps, multiplier,
+                                 cap, top_k)

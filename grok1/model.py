@@ -406,6 +406,7 @@ class Grok1(nn.Module):
         self.rms_norm = RMSNorm(config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.vocab_shard = None  # vocab-parallel lookup and logits gather (grok1/parallel.py)
+        self.forget_layer_plan()
 
     # ---- weights -------------------------------------------------------------------------------
     def _slot(self, path: str) -> tuple[nn.Module, str]:
@@ -438,6 +439,7 @@ class Grok1(nn.Module):
 
     def set_weight(self, path: str, value: torch.Tensor | Int8Weight) -> None:
         """Place one official parameter (path without `params/`)."""
+        self.forget_layer_plan()
         module, attr = self._slot(path)
         if isinstance(value, nn.Module):
             setattr(module, attr, value)
@@ -493,7 +495,38 @@ class Grok1(nn.Module):
         for layer in self.layers:
             layer.attn.fast = enabled
             layer.moe.fast = enabled
+        self.forget_layer_plan()
         return self
+
+    def forget_layer_plan(self) -> None:
+        """Drops the tensors gathered for one-call decoding; anything that replaces a weight or changes
+        how layers compute (set_weight, moving the model, tensor/expert parallelism) calls this."""
+        self.__dict__["_plan"] = None
+
+    def _layer_plan(self) -> list[list[torch.Tensor]] | None:
+        """Per layer, the 19 tensors `kernels.decode_layers` takes; None where some layer cannot run as
+        one call (weights read from disk on demand, types without a kernel, a parallel sum between the
+        halves). Gathered once, then reused every step until forget_layer_plan()."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = []
+            for layer in self.layers:
+                attn, moe = layer.attn, layer.moe
+                weights = [kernels.weight_tensors(w) for w in (attn.query, attn.key, attn.value, attn.linear,
+                                                                moe.linear, moe.linear_v, moe.linear_1)]
+                if (None in weights or attn.reduce is not None or moe.reduce is not None
+                        or len(moe.local_experts) != self.config.num_experts):
+                    plan = False
+                    break
+                flat = [t for pair in weights for t in pair]
+                plan.append([layer.rms_norm.scale, layer.rms_norm_1.scale, layer.rms_norm_2.scale, *flat[:8],
+                             moe.router, *flat[8:], layer.rms_norm_3.scale])
+            self.__dict__["_plan"] = plan
+        return plan or None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .float() ... replace tensors
+        self.forget_layer_plan()
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
@@ -546,8 +579,15 @@ class Grok1(nn.Module):
         angles = rope_angles(positions, cfg.key_size, cfg.rope_base)
         if fused_decode:
             h = h.view(b, -1)
-            for i, layer in enumerate(self.layers):
-                h = layer.decode(h, positions[:, 0], (cache.k[i], cache.v[i]), cache.key_valid, span, angles)
+            plan = self._layer_plan()
+            if plan is not None:  # every layer in one call
+                cos, sin = angles[0].view(b, -1), angles[1].view(b, -1)
+                h = kernels.decode_layers(h, plan, cache.k, cache.v, (cos, sin), positions[:, 0], cache.key_valid, span,
+                                          cfg.rms_norm_eps, cfg.attn_output_multiplier, cfg.attn_logit_softcap,
+                                          cfg.num_selected_experts)
+            else:
+                for i, layer in enumerate(self.layers):
+                    h = layer.decode(h, positions[:, 0], (cache.k[i], cache.v[i]), cache.key_valid, span, angles)
             h = h.view(b, 1, -1)
         else:
             for i, layer in enumerate(self.layers):

@@ -379,6 +379,7 @@ def attach(model: Grok1, placement: Placement, group: Group) -> Grok1:
         layer.moe.reduce = group.all_reduce
     model.vocab_shard = VocabShard(placement.vocab, placement.vocab_sizes, group)
     model.placement = placement
+    model.forget_layer_plan()
     return model
 
 

@@ -14,7 +14,7 @@ import grok1
 from conftest import FIXTURE, relative_error
 from grok1 import kernels
 from grok1.config import PRESETS
-from grok1.model import DecoderLayer, MoE, RMSNorm, attend, rope_angles, rotary
+from grok1.model import Grok1, MoE, RMSNorm, attend, rope_angles, rotary
 from grok1.quant import Int8Weight, geglu, quantize_int4, quantize_int8
 
 
@@ -160,9 +160,9 @@ def test_expert_add_matches_the_separate_steps():
 def test_fused_decode_on_the_official_fixture(fixture_cases, fixture_arrays, monkeypatch):
     """Token-by-token decoding through the fused steps against xAI's bf16 logits, with the core bound."""
     model = grok1.load(FIXTURE)
-    fused_calls = []
-    original = DecoderLayer.decode
-    monkeypatch.setattr(DecoderLayer, "decode", lambda self, *a: fused_calls.append(1) or original(self, *a))
+    steps_in_one_call = []
+    original = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: steps_in_one_call.append(1) or original(*a))
     for name in ("len64", "left_padded_len20"):
         case = next(c for c in fixture_cases if c["name"] == name)
         tokens = torch.from_numpy(fixture_arrays[case["tokens_key"]].astype(np.int64))
@@ -181,7 +181,7 @@ def test_fused_decode_on_the_official_fixture(fixture_cases, fixture_arrays, mon
               f"argmax agreement {(ours.argmax(-1) == ref16.argmax(-1)).mean():.3f}")
         assert error <= bound, name
         assert (ours.argmax(-1) == ref16.argmax(-1)).mean() >= 0.9, name
-    assert len(fused_calls) == model.config.num_layers * (64 + 20)  # every token went through the fused steps
+    assert len(steps_in_one_call) == 64 + 20  # every token went through the fused steps
 
 
 needs_int4 = pytest.mark.skipif(kernels.native() is None or not kernels.native().has_int4(),
@@ -249,3 +249,29 @@ def test_layer_blocks_equal_the_separate_calls(quant, tmp_path):
             model(tokens[:, :4], cache, torch.tensor([0]))
             outs.append(torch.cat([model(tokens[:, i : i + 1], cache, torch.tensor([i])) for i in range(4, 8)], dim=1))
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_native
+def test_one_call_step_equals_layer_by_layer(monkeypatch):
+    """kernels.decode_layers (every layer in one call, with the gathered plan) against the layer-by-layer
+    calls, bit for bit; and the plan follows a replaced weight."""
+    tokens = torch.tensor([[5, 9, 300, 41, 7, 77, 12, 3]])
+
+    def decode(model):
+        cache = model.new_cache(1, 16)
+        with torch.no_grad():
+            model(tokens[:, :4], cache, torch.tensor([0]))
+            return torch.cat([model(tokens[:, i : i + 1], cache, torch.tensor([i])) for i in range(4, 8)], dim=1)
+
+    one_call = decode(grok1.load(FIXTURE))
+    with monkeypatch.context() as patch:
+        patch.setattr(Grok1, "_layer_plan", lambda self: None)
+        layer_by_layer = decode(grok1.load(FIXTURE))
+    assert torch.equal(one_call, layer_by_layer)
+
+    model = grok1.load(FIXTURE)
+    before = decode(model)
+    path = "transformer/decoder_layer_0/multi_head_attention/query/w"
+    query = model.layers[0].attn.query
+    model.set_weight(path, Int8Weight(query.qweight.clone(), query.scales * 2))
+    assert not torch.equal(decode(model), before)  # the new weight is used, not the gathered old one

@@ -1090,6 +1090,25 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor h, torch::Tensor router, 
   return add_rms_norm(h, out, post_scale, c10::nullopt, eps)[0];
 }
 
+// Every decoder layer of a decode step, one after another (`attention_block` then `moe_block` each):
+// one call per step instead of two per layer. layers[i] = (pre-norm, post-norm, MoE pre-norm scales;
+// q, k, v, out projections with their scales; router; gate, up, down stacks with their scales; MoE
+// post-norm scale): 19 tensors.
+torch::Tensor decode_layers(torch::Tensor h, std::vector<std::vector<torch::Tensor>> layers,
+                            std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+                            torch::Tensor cos, torch::Tensor sin, torch::Tensor positions, torch::Tensor key_valid,
+                            int64_t span, double eps, double multiplier, double cap, int64_t top_k) {
+  TORCH_CHECK(k_caches.size() == layers.size() && v_caches.size() == layers.size(), "one KV cache per layer");
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& t = layers[i];
+    TORCH_CHECK(t.size() == 19, "a layer takes 19 tensors");
+    const auto halves = attention_block(h, {t[0], t[1], t[2]}, eps, {t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10]},
+                                        cos, sin, k_caches[i], v_caches[i], positions, key_valid, span, multiplier, cap);
+    h = moe_block(halves[1], halves[0], t[11], top_k, {t[12], t[13], t[14], t[15], t[16], t[17]}, t[18], eps);
+  }
+  return h;
+}
+
 // The vector instructions this build uses: "avx512", "avx2" or "none".
 std::string simd() {
 #if defined(GROK1_AVX512)
@@ -1124,6 +1143,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route", &route, "router softmax and top-k", nogil);
   m.def("attention_block", &attention_block, "a decoder layer's attention half for one token per row", nogil);
   m.def("moe_block", &moe_block, "a decoder layer's MoE half for one token per row", nogil);
+  m.def("decode_layers", &decode_layers, "every decoder layer of a decode step", nogil);
   m.def("has_int4", &has_int4, "whether the int4 kernel was built", nogil);
   m.def("simd", &simd, "the vector instructions of this build");
 }
