@@ -4,7 +4,8 @@
 // - int8 (grok1/quant.py Int8Weight: q [blocks, out, in/blocks], s [blocks, out] bfloat16). The
 //   release's row-parallel matrices carry one scale per (row block, output column), which no
 //   single-scale library kernel can apply; here each block's partial sum is scaled and the blocks are
-//   added in float32, in one pass. Activations are used as float32.
+//   added in float32, in one pass. One row: float32 activations and FMAs; several rows of bfloat16
+//   activations (batched decoding): the weights converted to bfloat16 once and vdpbf16ps per row.
 // - int4 (Int4Weight: packed [out, in/32, 16] uint8, two values per byte as q+8, s [out, in/32]
 //   bfloat16). Where the CPU has AVX-512 VNNI the activations are quantised to int8 per group of 32
 //   (absmax / 127, as llama.cpp's Q4_0 x Q8_0 product does) and each group's dot product is exact
