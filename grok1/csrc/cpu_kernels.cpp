@@ -189,32 +189,26 @@ inline void dot_rows_f32_i8(const float* __restrict x, int64_t ldx, const int8_t
 
 #if defined(GROK1_AVX512) && defined(__AVX512BF16__)
 #define GROK1_BF16_DOT 1
-// dot_rows_f32_i8 for activations that are bfloat16 values (xb: their bits): each group of 32 int8
-// weights becomes 32 bfloat16 (exactly), and one vdpbf16ps per input row multiplies and adds them in
-// pairs, half the instructions of float32 FMAs. Products are exact; only the order of the float32
-// additions differs.
-template <int R>
-inline void dot_rows_bf16_i8(const uint16_t* __restrict xb, int64_t ldx, const int8_t* __restrict q, int64_t n,
-                             float* out) {
+// out[r] = sum_k x[r, k] * w[k] for R rows of bfloat16 activations (xb: their bits) against one weight
+// row, by vdpbf16ps: products exact, only the order of the float32 additions differs from FMAs.
+// `group(k)` gives weights k..k+31 as bfloat16 (and prefetches ahead); `value(j)` weight j as float,
+// for a tail shorter than 32. Two accumulators per row, so consecutive vdpbf16ps do not wait on each
+// other's result.
+template <int R, typename Group, typename Value>
+inline void dot_rows_bf16(const uint16_t* __restrict xb, int64_t ldx, int64_t n, Group group, Value value,
+                          float* out) {
   int64_t k = 0;
-  // Two accumulators per row, so that consecutive vdpbf16ps do not wait on each other's result.
   __m512 acc[R], acc2[R];
   for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
-  auto convert = [&](int64_t at) {  // 32 int8 values as bfloat16 (exact), in order
-    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at))));
-    const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at + 16))));
-    return _mm512_cvtne2ps_pbh(high, low);
-  };
   for (; k + 64 <= n; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + k + GROK1_PREFETCH), _MM_HINT_NTA);
-    const __m512bh w0 = convert(k), w1 = convert(k + 32);
+    const __m512bh w0 = group(k), w1 = group(k + 32);
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm512_dpbf16_ps(acc[r], w0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k)));
       acc2[r] = _mm512_dpbf16_ps(acc2[r], w1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k + 32)));
     }
   }
   for (; k + 32 <= n; k += 32) {
-    const __m512bh w = convert(k);
+    const __m512bh w = group(k);
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_dpbf16_ps(acc[r], w, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k)));
   }
@@ -224,43 +218,38 @@ inline void dot_rows_bf16_i8(const uint16_t* __restrict xb, int64_t ldx, const i
       uint32_t bits = static_cast<uint32_t>(xb[r * ldx + j]) << 16;
       float v;
       std::memcpy(&v, &bits, sizeof v);
-      total += v * static_cast<float>(q[j]);
+      total += v * value(j);
     }
     out[r] = total;
   }
 }
-#endif
 
-#if defined(GROK1_BF16_DOT)
-// out[r] = sum_k x[r, k] * w[k] for bfloat16 activations (bits xb) and a bfloat16 weight row: vdpbf16ps
-// straight from memory, no conversion (the output head).
+// int8 weights: each group of 32 converted to bfloat16 (exactly) once for all R rows.
+template <int R>
+inline void dot_rows_bf16_i8(const uint16_t* __restrict xb, int64_t ldx, const int8_t* __restrict q, int64_t n,
+                             float* out) {
+  auto group = [q](int64_t at) {
+    if ((at & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + at + GROK1_PREFETCH), _MM_HINT_NTA);
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at))));
+    const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at + 16))));
+    return _mm512_cvtne2ps_pbh(high, low);  // values at..at+31 in order
+  };
+  dot_rows_bf16<R>(xb, ldx, n, group, [q](int64_t j) { return static_cast<float>(q[j]); }, out);
+}
+
+// bfloat16 weights (the output head): straight from memory, no conversion.
 template <int R>
 inline void dot_rows_bf16_bf16(const uint16_t* __restrict xb, int64_t ldx, const at::BFloat16* __restrict w, int64_t n,
                                float* out) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(w);
-  int64_t k = 0;
-  __m512 acc[R], acc2[R];
-  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
-  for (; k + 64 <= n; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(bits + k + GROK1_PREFETCH), _MM_HINT_NTA);
-    _mm_prefetch(reinterpret_cast<const char*>(bits + k + 32 + GROK1_PREFETCH), _MM_HINT_NTA);
-    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bits + k));
-    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bits + k + 32));
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_dpbf16_ps(acc[r], w0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k)));
-      acc2[r] = _mm512_dpbf16_ps(acc2[r], w1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xb + r * ldx + k + 32)));
+  auto group = [bits](int64_t at) {
+    if ((at & 63) == 0) {  // both cache lines of the next 64 values, ahead of their loads
+      _mm_prefetch(reinterpret_cast<const char*>(bits + at + GROK1_PREFETCH), _MM_HINT_NTA);
+      _mm_prefetch(reinterpret_cast<const char*>(bits + at + 32 + GROK1_PREFETCH), _MM_HINT_NTA);
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
-    for (int64_t j = k; j < n; ++j) {
-      uint32_t xbits = static_cast<uint32_t>(xb[r * ldx + j]) << 16;
-      float v;
-      std::memcpy(&v, &xbits, sizeof v);
-      total += v * static_cast<float>(w[j]);
-    }
-    out[r] = total;
-  }
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(bits + at));
+  };
+  dot_rows_bf16<R>(xb, ldx, n, group, [w](int64_t j) { return static_cast<float>(w[j]); }, out);
 }
 #endif
 
@@ -475,6 +464,11 @@ Input input_of(const torch::Tensor& x) {
   in.k = x.size(1);
   in.xf = as_float(x);
   in.bf16_values = x.scalar_type() == torch::kBFloat16;
+  if (in.bf16_values) {  // the bits as they are, rather than back from float32 later
+    const auto c = x.contiguous();
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(c.data_ptr<at::BFloat16>());
+    in.xb.assign(bits, bits + in.m * in.k);
+  }
   return in;
 }
 
