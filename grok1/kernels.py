@@ -87,9 +87,15 @@ def native() -> ModuleType | None:
     return _module
 
 
+def serves(rows: int, device: torch.device) -> bool:
+    """Whether these kernels serve a batch of this many rows on this device. Callers check this (or
+    `applies`) before the functions below, which then use the built module directly."""
+    return device.type == "cpu" and rows <= MAX_ROWS and native() is not None
+
+
 def applies(x: torch.Tensor) -> bool:
-    """Whether the one-pass kernels serve this input: a small number of rows on the CPU."""
-    return x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= MAX_ROWS and native() is not None
+    """`serves` for one matrix product's input [rows, in]."""
+    return x.dim() == 2 and serves(x.shape[0], x.device)
 
 
 def weight_tensors(weight) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -114,42 +120,37 @@ def linear(x: torch.Tensor, weight, expert: int | None = None, float_out: bool =
 
 def geglu(x: torch.Tensor, gate, up, expert: int | None = None) -> torch.Tensor:
     """gelu_tanh(x @ W_gate) * (x @ W_up) in float32, returned in x's dtype."""
-    return native().geglu(x, *weight_tensors(gate), *weight_tensors(up), -1 if expert is None else expert)
+    return _module.geglu(x, *weight_tensors(gate), *weight_tensors(up), -1 if expert is None else expert)
 
 
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w.T for bfloat16 w [N, K] (the tied output head): float32 accumulation, bfloat16 result."""
-    return native().bf16_linear(x, w)
-
-
-def serves(rows: int, device: torch.device) -> bool:
-    """Whether the fused decode steps serve a batch of this many rows on this device."""
-    return device.type == "cpu" and rows <= MAX_ROWS and native() is not None
+    return _module.bf16_linear(x, w)
 
 
 def rms_norm(h: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return native().rms_norm(h, scale, eps)
+    return _module.rms_norm(h, scale, eps)
 
 
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor, post_scale: torch.Tensor, next_scale: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + rms_norm(bf16(y), post_scale), rms_norm(that, next_scale)); the second is the first
     when next_scale is None."""
-    h_out, x_next = native().add_rms_norm(h, y, post_scale, next_scale, eps)
+    h_out, x_next = _module.add_rms_norm(h, y, post_scale, next_scale, eps)
     return h_out, x_next
 
 
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      key_valid: torch.Tensor, span: int, multiplier: float, cap: float) -> torch.Tensor:
-    return native().attention_decode(q, k, v, cos, sin, k_cache, v_cache, positions, key_valid, span,
+    return _module.attention_decode(q, k, v, cos, sin, k_cache, v_cache, positions, key_valid, span,
                                      multiplier, cap)
 
 
 def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate weights [N, k]: the top-k softmax probabilities rounded to bfloat16, as float32;
     experts [N, k]), descending, ties to the lower index."""
-    gates, experts = native().route(x, router, k)
+    gates, experts = _module.route(x, router, k)
     return gates, experts
 
 
